@@ -1,0 +1,12 @@
+//! `switchboard bench ...`: built-in benchmarks.
+
+use clap::Subcommand;
+
+/// Which benchmark to run.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {}
+
+/// Runs one benchmark.
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {}
+}

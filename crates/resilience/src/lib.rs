@@ -1,0 +1,1 @@
+//! Resilience primitives (work in progress).
