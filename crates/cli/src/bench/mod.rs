@@ -1,4 +1,4 @@
-//! `switchboard bench ...`: built-in benchmarks.
+//! `switchboard bench ...`: built-in benchmarks, one file each.
 
 use clap::Subcommand;
 
