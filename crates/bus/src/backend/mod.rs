@@ -1,0 +1,120 @@
+//! Backends, one module each, chosen by URL scheme.
+//!
+//! Each backend implements publishing, peeking and [`crate::driver::Consumer`];
+//! the consumer loop (concurrency, redelivery decisions, dead letters, acks)
+//! is shared.
+
+use std::sync::Arc;
+
+use crate::middleware::metrics::Metrics;
+use crate::{BusError, Capabilities, Event, Handler, SubscribeOptions, Subscription};
+
+pub(crate) mod memory;
+
+pub(crate) enum Backend {
+    Memory(memory::Memory),
+}
+
+/// Opens the backend named by the URL's scheme.
+pub(crate) async fn open(url: &str) -> Result<Backend, BusError> {
+    let invalid = |reason: &str| BusError::InvalidUrl {
+        url: url.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(invalid("expected SCHEME://..."));
+    };
+    match scheme {
+        "memory" => Ok(Backend::Memory(
+            memory::Memory::open(rest).map_err(|r| invalid(&r))?,
+        )),
+        _ => Err(invalid(
+            "unknown scheme (expected memory://, redis://, redis+pubsub:// or nats://)",
+        )),
+    }
+}
+
+/// Names every backend can represent: ASCII letters, digits, `_`, `-` and
+/// `.`-separated non-empty parts, at most 200 bytes.
+pub(crate) fn validate_name(what: &'static str, name: &str) -> Result<(), BusError> {
+    let err = |reason| {
+        Err(BusError::InvalidName {
+            what,
+            name: name.to_owned(),
+            reason,
+        })
+    };
+    if name.is_empty() || name.len() > 200 {
+        return err("must be 1 to 200 bytes");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    {
+        return err("only ASCII letters, digits, '_', '-' and '.' are allowed");
+    }
+    if name.split('.').any(str::is_empty) {
+        return err("'.' separates non-empty parts");
+    }
+    Ok(())
+}
+
+impl Backend {
+    pub(crate) fn capabilities(&self) -> Capabilities {
+        match self {
+            Backend::Memory(_) => memory::CAPABILITIES,
+        }
+    }
+
+    pub(crate) async fn publish(&self, topic: &str, events: &[Event]) -> Result<(), BusError> {
+        match self {
+            Backend::Memory(b) => {
+                b.publish(topic, events);
+                Ok(())
+            }
+        }
+    }
+
+    pub(crate) async fn subscribe(
+        &self,
+        topic: &str,
+        group: &str,
+        handler: Arc<dyn Handler>,
+        opts: SubscribeOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<Subscription, BusError> {
+        match self {
+            Backend::Memory(b) => {
+                let consumer = b.consumer(topic, group, &opts);
+                Ok(crate::driver::spawn(
+                    consumer, topic, group, handler, opts, metrics,
+                ))
+            }
+        }
+    }
+
+    pub(crate) async fn peek(
+        &self,
+        topic: &str,
+        limit: usize,
+    ) -> Result<Vec<Result<Event, String>>, BusError> {
+        match self {
+            Backend::Memory(b) => Ok(b.peek(topic, limit).into_iter().map(Ok).collect()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["orders", "order.created", "a_b-c.d9"] {
+            assert!(validate_name("topic", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a..b", ".a", "a.", "a b", "a*", "a>b", "ü"] {
+            assert!(validate_name("topic", bad).is_err(), "{bad}");
+        }
+    }
+}

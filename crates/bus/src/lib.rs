@@ -1,0 +1,75 @@
+//! An event bus for microservices: CloudEvents published and consumed through
+//! one [`Bus`] API over an in-memory log, Redis Streams, NATS JetStream or
+//! Redis Pub/Sub, with consumer groups, redelivery, dead letters and
+//! idempotent consumers.
+//!
+//! ```
+//! use switchboard_bus::{Bus, Event, HandlerError, SubscribeOptions};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let bus = Bus::open("memory://").await?; // or redis://127.0.0.1:6379, nats://127.0.0.1:4222
+//! let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+//! let sub = bus
+//!     .subscribe("payment.completed", "orders", move |event: Event| {
+//!         let tx = tx.clone();
+//!         async move {
+//!             tx.send(event.id().to_owned())?; // an Err here means: redeliver later
+//!             Ok::<_, HandlerError>(())
+//!         }
+//!     }, SubscribeOptions::default())
+//!     .await?;
+//! let event = Event::builder()
+//!     .source("/payments")
+//!     .ty("payment.completed")
+//!     .data(&serde_json::json!({"order_id": "o-1"}))
+//!     .build()?;
+//! bus.publish(event.clone()).await?; // returns once the backend accepted it
+//! assert_eq!(rx.recv().await.as_deref(), Some(event.id()));
+//! sub.shutdown().await; // finishes and acks in-flight handlers
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Delivery contract
+//! - A topic is an event `type`. Subscriptions in one group compete for its
+//!   events; every group receives every event.
+//! - At least once: a handler's `Ok` acks; an `Err` or a panic redelivers after
+//!   [`RetryBackoff`]; a delivery not acked within the ack wait (a crashed
+//!   consumer) goes to another consumer of the group. After `max_deliveries`
+//!   the event is published to the dead-letter topic with the reason, attempt
+//!   count and last error ([`deadletter`]). Entries that do not decode are
+//!   dead-lettered at once. Handlers should be idempotent, or wrapped in
+//!   [`middleware::idempotency`].
+//! - Per-backend differences are [`Capabilities`]:
+//!
+//! | backend | URL | durable | new group replays | competing consumers | ordered per topic |
+//! |---|---|---|---|---|---|
+//! | memory | `memory://[NAME]` | no (process lifetime) | yes | yes | yes |
+//!
+//! # Layout
+//! - [`event`]: the CloudEvents envelope, builder and validation.
+//! - [`codec`]: JSON structured mode and the plain `{id, timestamp, name, data, version}` envelope.
+//! - [`bus`]: [`Bus`], opened from a URL; publish, subscribe, peek.
+//! - [`subscribe`]: [`Handler`], [`SubscribeOptions`], [`Subscription`].
+//! - `driver`: the consumer loop every backend shares (fetch, run, settle).
+//! - [`deadletter`]: dead-letter attributes, reading and replaying them.
+//! - `backend`: one module per backend.
+//! - [`middleware`]: idempotent consumer, correlation propagation, metrics.
+
+pub mod backoff;
+pub mod bus;
+pub mod codec;
+pub mod deadletter;
+pub mod event;
+pub mod middleware;
+pub mod subscribe;
+
+mod backend;
+mod driver;
+
+pub use backoff::RetryBackoff;
+pub use bus::{Bus, BusError, Capabilities};
+pub use codec::DecodeError;
+pub use event::{BuildError, Data, Event, EventBuilder};
+pub use subscribe::{Handler, HandlerError, SubscribeOptions, Subscription};

@@ -1,0 +1,192 @@
+//! What a subscriber provides and gets back: [`Handler`], [`SubscribeOptions`], [`Subscription`].
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::Event;
+use crate::backoff::RetryBackoff;
+
+/// The error a handler returns to ask for redelivery.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Handles one event: `Ok` acknowledges it, `Err` (or a panic) asks for a
+/// redelivery after a backoff, up to [`SubscribeOptions::max_deliveries`].
+///
+/// Any `Fn(Event) -> impl Future<Output = Result<(), E>>` is a handler:
+///
+/// ```
+/// # use switchboard_bus::{Event, Handler, HandlerError};
+/// let handler = |event: Event| async move {
+///     let order: serde_json::Value = event.data_as()?;
+///     println!("order {}", order["id"]);
+///     Ok::<_, HandlerError>(())
+/// };
+/// # fn check(_: impl Handler) {}
+/// # check(handler);
+/// ```
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one delivery of `event`.
+    fn handle(&self, event: Event) -> BoxFuture<'static, Result<(), HandlerError>>;
+}
+
+impl<F, Fut, E> Handler for F
+where
+    F: Fn(Event) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<HandlerError>,
+{
+    fn handle(&self, event: Event) -> BoxFuture<'static, Result<(), HandlerError>> {
+        let fut = self(event);
+        Box::pin(async move { fut.await.map_err(Into::into) })
+    }
+}
+
+impl Handler for Arc<dyn Handler> {
+    fn handle(&self, event: Event) -> BoxFuture<'static, Result<(), HandlerError>> {
+        (**self).handle(event)
+    }
+}
+
+/// The dead-letter topic used unless [`SubscribeOptions::dead_letter_topic`] says otherwise.
+pub const DEFAULT_DEAD_LETTER_TOPIC: &str = "deadletter";
+
+/// How a subscription consumes: concurrency, acknowledgement deadline,
+/// redelivery and dead-lettering.
+///
+/// | option | default | meaning |
+/// |---|---|---|
+/// | `max_in_flight` | 64 | deliveries fetched but not yet settled (handled and acked) |
+/// | `ack_wait` | 30 s | a delivery not settled by then is given to another consumer of the group |
+/// | `max_deliveries` | 5 | handler runs per event; then it is dead-lettered |
+/// | `backoff` | 100 ms doubling to 10 s, jittered | delay before a failed event is redelivered |
+/// | `dead_letter_topic` | `deadletter` | where dead letters go |
+/// | `consumer_name` | random | this consumer's name inside the group (Redis, for its pending list) |
+#[derive(Debug, Clone)]
+pub struct SubscribeOptions {
+    pub(crate) max_in_flight: usize,
+    pub(crate) ack_wait: Duration,
+    pub(crate) max_deliveries: u32,
+    pub(crate) backoff: RetryBackoff,
+    pub(crate) dead_letter_topic: String,
+    pub(crate) consumer_name: Option<String>,
+}
+
+impl Default for SubscribeOptions {
+    fn default() -> Self {
+        SubscribeOptions {
+            max_in_flight: 64,
+            ack_wait: Duration::from_secs(30),
+            max_deliveries: 5,
+            backoff: RetryBackoff::default(),
+            dead_letter_topic: DEFAULT_DEAD_LETTER_TOPIC.to_owned(),
+            consumer_name: None,
+        }
+    }
+}
+
+impl SubscribeOptions {
+    /// Sets how many deliveries may be in flight (at least 1).
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.max(1);
+        self
+    }
+
+    /// Sets how long a delivery may stay unacknowledged before the group
+    /// redelivers it (at least 10 ms).
+    pub fn ack_wait(mut self, wait: Duration) -> Self {
+        self.ack_wait = wait.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Sets how many times the handler may see an event before it is
+    /// dead-lettered (at least 1).
+    pub fn max_deliveries(mut self, n: u32) -> Self {
+        self.max_deliveries = n.max(1);
+        self
+    }
+
+    /// Sets the redelivery backoff.
+    pub fn backoff(mut self, backoff: RetryBackoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Sets the dead-letter topic.
+    pub fn dead_letter_topic(mut self, topic: impl Into<String>) -> Self {
+        self.dead_letter_topic = topic.into();
+        self
+    }
+
+    /// Sets this consumer's name within its group (default: random). A
+    /// restarted process that reuses its name takes over its own pending
+    /// deliveries at once instead of after the ack wait.
+    pub fn consumer_name(mut self, name: impl Into<String>) -> Self {
+        self.consumer_name = Some(name.into());
+        self
+    }
+
+    /// The configured maximum of deliveries in flight.
+    pub fn get_max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+
+    /// The configured ack wait.
+    pub fn get_ack_wait(&self) -> Duration {
+        self.ack_wait
+    }
+
+    /// The configured maximum number of deliveries.
+    pub fn get_max_deliveries(&self) -> u32 {
+        self.max_deliveries
+    }
+}
+
+/// A running subscription. [`Subscription::shutdown`] stops it gracefully;
+/// dropping it aborts it like a crash (in-flight deliveries are not acked and
+/// come back to the group after the ack wait).
+#[derive(Debug)]
+pub struct Subscription {
+    pub(crate) topic: String,
+    pub(crate) group: String,
+    pub(crate) stop: CancellationToken,
+    pub(crate) tasks: Vec<JoinHandle<()>>,
+}
+
+impl Subscription {
+    /// The topic consumed.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The consumer group.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// Stops fetching, lets in-flight handlers finish, settles (acks) them,
+    /// and returns once all of that is done.
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        for task in std::mem::take(&mut self.tasks) {
+            let _ = task.await;
+        }
+    }
+
+    /// Whether the subscription's tasks have all ended.
+    pub fn is_finished(&self) -> bool {
+        self.tasks.iter().all(JoinHandle::is_finished)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,489 @@
+//! The conformance suite every backend runs (after Watermill's universal Pub/Sub tests).
+//!
+//! A backend's test file implements [`Fixture`] and invokes
+//! [`conformance_tests!`]; each case skips itself, with a printed reason, when
+//! the backend's [`Capabilities`] say it does not promise what the case checks.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use switchboard_bus::deadletter::{DeadLetter, Reason};
+use switchboard_bus::{Bus, Capabilities, Event, HandlerError, RetryBackoff, SubscribeOptions};
+use tokio::sync::mpsc;
+
+/// How long a case waits for what it expects before failing.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A backend under test.
+pub trait Fixture: Send {
+    /// The bus URL.
+    fn url(&self) -> String;
+    /// Kills the broker (SIGKILL) and starts it again on the same port and data.
+    /// `false` if the backend has no broker to restart.
+    fn restart_broker(&mut self) -> bool;
+    /// Kills the broker without restarting it.
+    fn kill_broker(&mut self);
+    /// Starts a killed broker again.
+    fn start_broker(&mut self);
+}
+
+/// A short ack wait and fast constant backoff keep the suite quick.
+pub fn fast_options() -> SubscribeOptions {
+    SubscribeOptions::default()
+        .ack_wait(Duration::from_millis(700))
+        .backoff(RetryBackoff::constant(Duration::from_millis(20)))
+        .max_deliveries(5)
+}
+
+static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A topic name unique within the process.
+pub fn unique(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{prefix}.{}.{n}", std::process::id())
+}
+
+pub fn event(topic: &str, n: usize) -> Event {
+    Event::builder()
+        .source("/conformance")
+        .ty(topic)
+        .id(format!("e{n:05}"))
+        .data(&serde_json::json!({ "n": n }))
+        .build()
+        .unwrap()
+}
+
+pub async fn publish_n(bus: &Bus, topic: &str, range: std::ops::Range<usize>) {
+    for n in range {
+        bus.publish(event(topic, n)).await.unwrap();
+    }
+}
+
+/// A handler that forwards every delivery (id) to a channel and succeeds.
+pub fn recorder() -> (
+    impl switchboard_bus::Handler,
+    mpsc::UnboundedReceiver<Event>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let handler = move |e: Event| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(e);
+            Ok::<_, HandlerError>(())
+        }
+    };
+    (handler, rx)
+}
+
+/// Receives until `n` distinct ids arrived; panics after [`PATIENCE`].
+pub async fn collect_ids(rx: &mut mpsc::UnboundedReceiver<Event>, n: usize) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut distinct = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while distinct.len() < n {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(e)) => {
+                distinct.insert(e.id().to_owned());
+                seen.push(e.id().to_owned());
+            }
+            _ => panic!(
+                "only {} of {n} events arrived within {PATIENCE:?}",
+                distinct.len()
+            ),
+        }
+    }
+    seen
+}
+
+/// Asserts nothing more arrives for `quiet`.
+pub async fn assert_quiet(rx: &mut mpsc::UnboundedReceiver<Event>, quiet: Duration) {
+    if let Ok(Some(e)) = tokio::time::timeout(quiet, rx.recv()).await {
+        panic!("unexpected extra delivery of {}", e.id());
+    }
+}
+
+fn ids(range: std::ops::Range<usize>) -> BTreeSet<String> {
+    range.map(|n| format!("e{n:05}")).collect()
+}
+
+fn skip(caps: &Capabilities, what: &str) {
+    eprintln!(
+        "skipping on {}: the backend does not promise {what}",
+        caps.backend
+    );
+}
+
+pub async fn publish_subscribe(f: &mut dyn Fixture) {
+    let bus = Bus::open(&f.url()).await.unwrap();
+    let topic = unique("ps");
+    let (h, mut rx) = recorder();
+    let sub = bus.subscribe(&topic, "g", h, fast_options()).await.unwrap();
+    publish_n(&bus, &topic, 0..50).await;
+    let got: BTreeSet<_> = collect_ids(&mut rx, 50).await.into_iter().collect();
+    assert_eq!(got, ids(0..50));
+    sub.shutdown().await;
+    let m = bus.metrics().snapshot();
+    assert_eq!(m.published, 50);
+    assert!(m.acked >= 50, "{m:?}");
+}
+
+pub async fn fan_out_across_groups(f: &mut dyn Fixture) {
+    let bus = Bus::open(&f.url()).await.unwrap();
+    let topic = unique("fan");
+    let (h1, mut rx1) = recorder();
+    let (h2, mut rx2) = recorder();
+    let s1 = bus
+        .subscribe(&topic, "g1", h1, fast_options())
+        .await
+        .unwrap();
+    let s2 = bus
+        .subscribe(&topic, "g2", h2, fast_options())
+        .await
+        .unwrap();
+    publish_n(&bus, &topic, 0..30).await;
+    let a: BTreeSet<_> = collect_ids(&mut rx1, 30).await.into_iter().collect();
+    let b: BTreeSet<_> = collect_ids(&mut rx2, 30).await.into_iter().collect();
+    assert_eq!(a, ids(0..30));
+    assert_eq!(b, ids(0..30));
+    s1.shutdown().await;
+    s2.shutdown().await;
+}
+
+pub async fn competing_consumers(f: &mut dyn Fixture) {
+    let bus = Bus::open(&f.url()).await.unwrap();
+    if !bus.capabilities().competing_consumers {
+        return skip(&bus.capabilities(), "competing consumers");
+    }
+    let topic = unique("compete");
+    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Event)>();
+    let mut subs = Vec::new();
+    for worker in 0..3 {
+        let tx = tx.clone();
+        let handler = move |e: Event| {
+            let tx = tx.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                let _ = tx.send((worker, e));
+                Ok::<_, HandlerError>(())
+            }
+        };
+        let opts = fast_options()
+            .max_in_flight(2)
+            .consumer_name(format!("w{worker}"));
+        subs.push(
+            bus.subscribe(&topic, "workers", handler, opts)
+                .await
+                .unwrap(),
+        );
+    }
+    publish_n(&bus, &topic, 0..90).await;
+    let mut per_worker: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while seen.len() < 90 {
+        let (w, e) = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("all events within patience")
+            .unwrap();
+        *per_worker.entry(w).or_default() += 1;
+        *seen.entry(e.id().to_owned()).or_default() += 1;
+    }
+    assert!(per_worker.len() >= 2, "work was not shared: {per_worker:?}");
+    assert!(
+        seen.values().all(|&c| c == 1),
+        "an event was handled twice in one group"
+    );
+    for s in subs {
+        s.shutdown().await;
+    }
+}
+
+pub async fn redelivery_after_handler_error(f: &mut dyn Fixture) {
+    let bus = Bus::open(&f.url()).await.unwrap();
+    let topic = unique("retry");
+    let attempts: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let a = Arc::clone(&attempts);
+    let handler = move |e: Event| {
+        let (a, tx) = (Arc::clone(&a), tx.clone());
+        async move {
+            let n = {
+                let mut g = a.lock();
+                let c = g.entry(e.id().to_owned()).or_default();
+                *c += 1;
+                *c
+            };
+            match n {
+                1 => Err::<(), HandlerError>("transient failure".into()),
+                2 => panic!("handler panics on the second attempt"),
+                _ => {
+                    let _ = tx.send(e);
+                    Ok(())
+                }
+            }
+        }
+    };
+    let sub = bus
+        .subscribe(&topic, "g", handler, fast_options())
+        .await
+        .unwrap();
+    publish_n(&bus, &topic, 0..10).await;
+    let got: BTreeSet<_> = collect_ids(&mut rx, 10).await.into_iter().collect();
+    assert_eq!(got, ids(0..10));
+    assert!(attempts.lock().values().all(|&n| n == 3), "{attempts:?}");
+    sub.shutdown().await;
+    let m = bus.metrics().snapshot();
+    assert!(m.redelivered >= 20, "{m:?}");
+    assert_eq!(m.handler_errors, 20, "{m:?}");
+    assert_eq!(m.dead_lettered, 0, "{m:?}");
+}
+
+pub async fn redelivery_after_consumer_dies(f: &mut dyn Fixture) {
+    let bus = Bus::open(&f.url()).await.unwrap();
+    if !bus.capabilities().redelivery_after_crash {
+        return skip(&bus.capabilities(), "redelivery after a crash");
+    }
+    let topic = unique("crash");
+    // The first consumer takes the events and never finishes handling them.
+    let (took_tx, mut took) = mpsc::unbounded_channel();
+    let hang = move |e: Event| {
+        let took_tx = took_tx.clone();
+        async move {
+            let _ = took_tx.send(e);
+            std::future::pending::<()>().await;
+            Ok::<_, HandlerError>(())
+        }
+    };
+    let opts = fast_options().max_in_flight(100).consumer_name("doomed");
+    let doomed = bus.subscribe(&topic, "g", hang, opts).await.unwrap();
+    publish_n(&bus, &topic, 0..10).await;
+    collect_ids(&mut took, 10).await;
+    drop(doomed); // crash: nothing acked
+    let (h, mut rx) = recorder();
+    let opts = fast_options().consumer_name("survivor");
+    let survivor = bus.subscribe(&topic, "g", h, opts).await.unwrap();
+    let got: BTreeSet<_> = collect_ids(&mut rx, 10).await.into_iter().collect();
+    assert_eq!(got, ids(0..10));
+    survivor.shutdown().await;
+}
+
+pub async fn dead_letter_after_max_deliveries(f: &mut dyn Fixture) {
+    let bus = Bus::open(&f.url()).await.unwrap();
+    let topic = unique("doomed");
+    let dlq = unique("dlq");
+    let failing = |_e: Event| async { Err::<(), HandlerError>("always fails".into()) };
+    let opts = fast_options().max_deliveries(3).dead_letter_topic(&dlq);
+    let sub = bus.subscribe(&topic, "g", failing, opts).await.unwrap();
+    let (h, mut letters) = recorder();
+    let dsub = bus
+        .subscribe(&dlq, "inspect", h, fast_options())
+        .await
+        .unwrap();
+    publish_n(&bus, &topic, 0..3).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut got = BTreeSet::new();
+    while got.len() < 3 {
+        let e = tokio::time::timeout_at(deadline, letters.recv())
+            .await
+            .expect("dead letters within patience")
+            .unwrap();
+        let d = DeadLetter::from_event(&e).expect("dead-letter attributes");
+        assert_eq!(d.reason, Reason::MaxDeliveries);
+        assert_eq!(d.attempts, 3);
+        assert_eq!(d.error, "always fails");
+        assert_eq!(d.topic, topic);
+        assert_eq!(d.group, "g");
+        let original = d.original().unwrap().unwrap();
+        assert_eq!(original.ty(), topic);
+        assert_eq!(
+            original.data_as::<serde_json::Value>().unwrap()["n"],
+            e.data_as::<serde_json::Value>().unwrap()["n"]
+        );
+        got.insert(original.id().to_owned());
+    }
+    assert_eq!(got, ids(0..3));
+    sub.shutdown().await;
+    dsub.shutdown().await;
+    assert_eq!(bus.metrics().snapshot().dead_lettered, 3);
+}
+
+pub async fn late_group_sees_earlier_events(f: &mut dyn Fixture) {
+    let bus = Bus::open(&f.url()).await.unwrap();
+    if !bus.capabilities().replay_for_new_groups {
+        return skip(&bus.capabilities(), "replay for new groups");
+    }
+    let topic = unique("late");
+    publish_n(&bus, &topic, 0..20).await;
+    let (h, mut rx) = recorder();
+    let sub = bus
+        .subscribe(&topic, "late", h, fast_options())
+        .await
+        .unwrap();
+    publish_n(&bus, &topic, 20..25).await;
+    let got: BTreeSet<_> = collect_ids(&mut rx, 25).await.into_iter().collect();
+    assert_eq!(got, ids(0..25));
+    sub.shutdown().await;
+    let peeked = bus.peek(&topic, 5).await.unwrap();
+    let peeked: Vec<_> = peeked
+        .into_iter()
+        .map(|e| e.unwrap().id().to_owned())
+        .collect();
+    assert_eq!(peeked, ["e00000", "e00001", "e00002", "e00003", "e00004"]);
+}
+
+pub async fn ordered_per_topic(f: &mut dyn Fixture) {
+    let bus = Bus::open(&f.url()).await.unwrap();
+    if !bus.capabilities().ordered_per_topic {
+        return skip(&bus.capabilities(), "ordering");
+    }
+    let topic = unique("order");
+    let (h, mut rx) = recorder();
+    let sub = bus
+        .subscribe(&topic, "g", h, fast_options().max_in_flight(1))
+        .await
+        .unwrap();
+    let batch: Vec<Event> = (0..100).map(|n| event(&topic, n)).collect();
+    bus.publish_batch(batch).await.unwrap();
+    publish_n(&bus, &topic, 100..150).await;
+    let got = collect_ids(&mut rx, 150).await;
+    let want: Vec<String> = (0..150).map(|n| format!("e{n:05}")).collect();
+    assert_eq!(got, want);
+    sub.shutdown().await;
+}
+
+pub async fn graceful_shutdown_finishes_in_flight(f: &mut dyn Fixture) {
+    let bus = Bus::open(&f.url()).await.unwrap();
+    let topic = unique("drain");
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let finished: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    let fin = Arc::clone(&finished);
+    let slow = move |e: Event| {
+        let (started_tx, fin) = (started_tx.clone(), Arc::clone(&fin));
+        async move {
+            let _ = started_tx.send(e.clone());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            fin.lock().insert(e.id().to_owned());
+            Ok::<_, HandlerError>(())
+        }
+    };
+    let sub = bus
+        .subscribe(
+            &topic,
+            "g",
+            slow,
+            fast_options()
+                .ack_wait(Duration::from_secs(5))
+                .max_in_flight(5),
+        )
+        .await
+        .unwrap();
+    publish_n(&bus, &topic, 0..5).await;
+    collect_ids(&mut started, 5).await;
+    sub.shutdown().await;
+    assert_eq!(
+        *finished.lock(),
+        ids(0..5),
+        "in-flight handlers finished before shutdown returned"
+    );
+    assert!(bus.metrics().snapshot().acked >= 5);
+    // Acked: the group does not get them again.
+    let (h, mut rx) = recorder();
+    let again = bus.subscribe(&topic, "g", h, fast_options()).await.unwrap();
+    publish_n(&bus, &topic, 5..6).await;
+    let got = collect_ids(&mut rx, 1).await;
+    assert_eq!(got, ["e00005"]);
+    assert_quiet(&mut rx, Duration::from_millis(300)).await;
+    again.shutdown().await;
+}
+
+/// Publishes 300 events while the broker is killed and restarted; every
+/// event whose publish returned `Ok` is handled.
+pub async fn broker_restart_loses_nothing(f: &mut dyn Fixture) {
+    let bus = Bus::open(&f.url()).await.unwrap();
+    if !bus.capabilities().durable {
+        return skip(&bus.capabilities(), "durability");
+    }
+    let topic = unique("restart");
+    let (h, mut rx) = recorder();
+    let sub = bus.subscribe(&topic, "g", h, fast_options()).await.unwrap();
+    let mut accepted = BTreeSet::new();
+    for n in 0..300 {
+        if n == 100 {
+            f.kill_broker();
+        }
+        if n == 110 {
+            f.start_broker();
+        }
+        // A publish that failed was not accepted: the producer retries it, as real ones do.
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            match bus.publish(event(&topic, n)).await {
+                Ok(()) => {
+                    accepted.insert(format!("e{n:05}"));
+                    break;
+                }
+                Err(e) if tokio::time::Instant::now() < deadline && n >= 100 => {
+                    assert!(e.is_retryable(), "{e}");
+                    if (100..110).contains(&n) {
+                        break; // broker down: give up on this one, it was never accepted
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("publish {n} failed: {e}"),
+            }
+        }
+    }
+    let mut got = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !accepted.is_subset(&got) {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(e)) => {
+                got.insert(e.id().to_owned());
+            }
+            _ => panic!(
+                "lost after restart: {:?}",
+                accepted.difference(&got).take(10).collect::<Vec<_>>()
+            ),
+        }
+    }
+    assert!(accepted.len() >= 290, "only {} accepted", accepted.len());
+    sub.shutdown().await;
+}
+
+/// Declares one `#[tokio::test]` per conformance case for a backend;
+/// `$fixture` is an expression returning `Option<impl Fixture>` (`None` = skip).
+/// With a list after `;`, only those cases (for backends that document not
+/// promising the others, e.g. surviving a restart).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($fixture:expr; $($case:ident),* $(,)?) => {
+        $crate::conformance_tests!(@cases $fixture; $($case),*);
+    };
+    ($fixture:expr) => {
+        $crate::conformance_tests!(@cases $fixture;
+            publish_subscribe,
+            fan_out_across_groups,
+            competing_consumers,
+            redelivery_after_handler_error,
+            redelivery_after_consumer_dies,
+            dead_letter_after_max_deliveries,
+            late_group_sees_earlier_events,
+            ordered_per_topic,
+            graceful_shutdown_finishes_in_flight,
+            broker_restart_loses_nothing,
+        );
+    };
+    (@cases $fixture:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let Some(mut fixture) = $fixture else { return };
+                common::$case(&mut fixture).await;
+            }
+        )*
+    };
+}

@@ -1,0 +1,124 @@
+//! The conformance suite on the in-memory backend, plus its virtual-time tests.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Fixture;
+use switchboard_bus::{Bus, Event, HandlerError, RetryBackoff, SubscribeOptions};
+
+struct Memory(String);
+
+impl Fixture for Memory {
+    fn url(&self) -> String {
+        format!("memory://{}", self.0)
+    }
+    fn restart_broker(&mut self) -> bool {
+        false
+    }
+    fn kill_broker(&mut self) {}
+    fn start_broker(&mut self) {}
+}
+
+fn fixture() -> Option<Memory> {
+    Some(Memory(common::unique("mem")))
+}
+
+// Every case but `broker_restart_loses_nothing`: memory is not durable.
+conformance_tests!(fixture();
+    publish_subscribe,
+    fan_out_across_groups,
+    competing_consumers,
+    redelivery_after_handler_error,
+    redelivery_after_consumer_dies,
+    dead_letter_after_max_deliveries,
+    late_group_sees_earlier_events,
+    ordered_per_topic,
+    graceful_shutdown_finishes_in_flight,
+);
+
+#[tokio::test]
+async fn memory_is_flagged_not_durable() {
+    let bus = Bus::open(&fixture().unwrap().url()).await.unwrap();
+    let caps = bus.capabilities();
+    assert!(!caps.durable && caps.replay_for_new_groups && caps.competing_consumers);
+}
+
+/// Ack wait and backoff on virtual time: a failed event comes back exactly
+/// after its backoff, an unacked one exactly after the ack wait.
+#[tokio::test(start_paused = true)]
+async fn timing_follows_backoff_and_ack_wait() {
+    let bus = Bus::open(&format!("memory://{}", common::unique("vt")))
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let handler = move |e: Event| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(tokio::time::Instant::now());
+            if e.id() == "fail-once" {
+                return Err::<(), HandlerError>("no".into());
+            }
+            Ok(())
+        }
+    };
+    let opts = SubscribeOptions::default()
+        .backoff(RetryBackoff::constant(Duration::from_secs(7)))
+        .max_deliveries(2);
+    let sub = bus.subscribe("vt", "g", handler, opts).await.unwrap();
+    let e = Event::builder()
+        .source("/s")
+        .ty("vt")
+        .id("fail-once")
+        .build()
+        .unwrap();
+    bus.publish(e).await.unwrap();
+    let first = rx.recv().await.unwrap();
+    let second = rx.recv().await.unwrap();
+    assert_eq!(second - first, Duration::from_secs(7));
+    sub.shutdown().await;
+
+    // A consumer that hangs: the event comes back after the 30 s default ack wait.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let hang = move |_e: Event| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(tokio::time::Instant::now());
+            std::future::pending::<()>().await;
+            Ok::<_, HandlerError>(())
+        }
+    };
+    let sub = bus
+        .subscribe(
+            "vt2",
+            "g",
+            hang,
+            SubscribeOptions::default().max_in_flight(2),
+        )
+        .await
+        .unwrap();
+    bus.publish(Event::builder().source("/s").ty("vt2").build().unwrap())
+        .await
+        .unwrap();
+    let first = rx.recv().await.unwrap();
+    let second = rx.recv().await.unwrap();
+    assert_eq!(second - first, Duration::from_secs(30));
+    drop(sub);
+}
+
+#[tokio::test]
+async fn buses_with_one_name_share_topics() {
+    let name = common::unique("shared");
+    let a = Bus::open(&format!("memory://{name}")).await.unwrap();
+    let b = Bus::open(&format!("memory://{name}")).await.unwrap();
+    let (h, mut rx) = common::recorder();
+    let sub = b
+        .subscribe("t", "g", h, SubscribeOptions::default())
+        .await
+        .unwrap();
+    a.publish(common::event("t", 1)).await.unwrap();
+    assert_eq!(common::collect_ids(&mut rx, 1).await, ["e00001"]);
+    sub.shutdown().await;
+    assert!(Bus::open("memory://x?bogus=1").await.is_err());
+    assert!(Bus::open("carrier-pigeon://x").await.is_err());
+}
