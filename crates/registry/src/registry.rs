@@ -1,0 +1,1018 @@
+//! [`Registry`]: the catalog of instances, their checker tasks, and the
+//! lock-free per-service snapshots readers use.
+//!
+//! Each service has a slot: a mutex-guarded state that writers (registration,
+//! checker tasks, passive reports, store notifications) change, and an
+//! [`ArcSwap`] of the immutable [`ServiceView`] rebuilt after every change.
+//! Readers only ever load the snapshot; the mutex is per service and held for
+//! microseconds, never across an await.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::health::HealthState;
+use crate::model::{
+    CheckKind, CheckSpec, Instance, PassiveOutcome, Registration, ServiceSummary, ServiceView,
+    Status,
+};
+use crate::probe::{NetProber, ProbeTarget, Prober, run_check};
+use crate::store::redis::{Record, RedisStore};
+use crate::validate::{self, NetworkPolicy, ValidationError};
+use crate::watch::ServiceWatch;
+
+/// Why a registry operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The input broke a rule; the field is named.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// No such instance.
+    #[error("instance {id} of service {service} is not registered")]
+    NotFound {
+        /// Service name.
+        service: String,
+        /// Instance id.
+        id: String,
+    },
+    /// The store URL has an unknown scheme or is malformed.
+    #[error("unsupported store url {0:?}: expected memory:// or redis://HOST:PORT")]
+    UnsupportedStore(String),
+    /// The shared store (Redis) could not be reached or answered an error.
+    #[error("store unavailable: {0}")]
+    Store(String),
+}
+
+/// Tuning of a [`Registry`]. Every field has a production-safe default.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct RegistryOptions {
+    /// Which addresses instances may register with.
+    pub network: NetworkPolicy,
+    /// Runs active checks; replace it in tests to script results.
+    pub prober: Arc<dyn Prober>,
+    /// Consecutive passive failures (reported by callers) that suspect an instance. Default 3.
+    pub passive_failures: u32,
+    /// How long a suspected instance stays out of `passing`, unless an active check
+    /// passes first. Default 10s.
+    pub passive_ejection: Duration,
+    /// Redis store: period of the full resynchronisation that repairs lost notifications. Default 5s.
+    pub resync_interval: Duration,
+    /// Redis store: prefix of every key and channel. Default `switchboard:registry`.
+    pub redis_prefix: String,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> Self {
+        RegistryOptions {
+            network: NetworkPolicy::default(),
+            prober: Arc::new(NetProber),
+            passive_failures: 3,
+            passive_ejection: Duration::from_secs(10),
+            resync_interval: Duration::from_secs(5),
+            redis_prefix: "switchboard:registry".into(),
+        }
+    }
+}
+
+impl RegistryOptions {
+    /// Replaces the prober.
+    #[must_use]
+    pub fn prober(mut self, prober: Arc<dyn Prober>) -> Self {
+        self.prober = prober;
+        self
+    }
+
+    /// Replaces the network policy.
+    #[must_use]
+    pub fn network(mut self, network: NetworkPolicy) -> Self {
+        self.network = network;
+        self
+    }
+
+    /// Sets the passive failure count and ejection time.
+    #[must_use]
+    pub fn passive(mut self, failures: u32, ejection: Duration) -> Self {
+        self.passive_failures = failures.max(1);
+        self.passive_ejection = ejection;
+        self
+    }
+
+    /// Sets the Redis full-resync period.
+    #[must_use]
+    pub fn resync_interval(mut self, every: Duration) -> Self {
+        self.resync_interval = every;
+        self
+    }
+
+    /// Sets the Redis key prefix.
+    #[must_use]
+    pub fn redis_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.redis_prefix = prefix.into();
+        self
+    }
+}
+
+impl std::fmt::Debug for RegistryOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryOptions")
+            .field("network", &self.network)
+            .field("passive_failures", &self.passive_failures)
+            .field("passive_ejection", &self.passive_ejection)
+            .field("resync_interval", &self.resync_interval)
+            .field("redis_prefix", &self.redis_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The service registry: register, deregister, heartbeat, watch.
+///
+/// Cheap to clone (an `Arc` inside). Background tasks (checks, Redis
+/// subscription) stop when the last clone is dropped.
+#[derive(Clone)]
+pub struct Registry {
+    pub(crate) inner: Arc<Inner>,
+    _guard: Arc<DropGuard>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("store", &self.inner.store.kind())
+            .field("services", &self.inner.slots.load().len())
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) enum Store {
+    Memory,
+    Redis(Box<RedisStore>),
+}
+
+impl Store {
+    fn kind(&self) -> &'static str {
+        match self {
+            Store::Memory => "memory",
+            Store::Redis(_) => "redis",
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) opts: RegistryOptions,
+    slots: ArcSwap<HashMap<String, Arc<Slot>>>,
+    slots_write: Mutex<()>,
+    index: AtomicU64,
+    generation: AtomicU64,
+    pub(crate) store: Store,
+    pub(crate) cancel: CancellationToken,
+}
+
+pub(crate) struct Slot {
+    pub(crate) name: String,
+    state: Mutex<ServiceState>,
+    view: Arc<ArcSwap<ServiceView>>,
+    tx: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct ServiceState {
+    instances: BTreeMap<String, Entry>,
+}
+
+struct Entry {
+    reg: Registration,
+    generation: u64,
+    status: Status,
+    last_check: Option<SystemTime>,
+    last_heartbeat: Instant,
+    passive_failures: u32,
+    ejected_until: Option<Instant>,
+    wake: Arc<Notify>,
+    _task: Option<AbortOnDrop>,
+}
+
+impl Entry {
+    fn effective_status(&self, now: Instant) -> Status {
+        match self.ejected_until {
+            Some(until) if until > now => Status::Critical,
+            _ => self.status,
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The status an instance has right after registration: `critical` for active
+/// checks (no traffic before the first check passes), `passing` for TTL checks
+/// (the registration counts as the first heartbeat) and for no check.
+pub(crate) fn initial_status(reg: &Registration) -> Status {
+    match &reg.check {
+        Some(c) if c.is_active() => Status::Critical,
+        _ => Status::Passing,
+    }
+}
+
+/// What a store holds about one instance (used by the Redis mirror).
+#[derive(Debug, Clone)]
+pub(crate) struct Known {
+    pub(crate) reg: Registration,
+    pub(crate) generation: u64,
+    pub(crate) status: Status,
+    pub(crate) last_check: Option<SystemTime>,
+}
+
+impl Registry {
+    /// Opens a registry on a store URL: `memory://` (in-process) or
+    /// `redis://HOST:PORT[/DB]` (shared by every process using the same Redis).
+    pub async fn open(store_url: &str, opts: RegistryOptions) -> Result<Registry, RegistryError> {
+        let url = store_url.trim();
+        if url == "memory://" || url == "memory" || url == "mem://" {
+            return Ok(Self::memory(opts));
+        }
+        if url.starts_with("redis://") || url.starts_with("rediss://") {
+            let store = RedisStore::connect(url, &opts).await?;
+            let registry = Self::with_store(opts, Store::Redis(Box::new(store)));
+            crate::store::redis::start(&registry).await?;
+            return Ok(registry);
+        }
+        Err(RegistryError::UnsupportedStore(store_url.to_owned()))
+    }
+
+    /// An in-process registry (the `memory://` store). Must be called inside a Tokio runtime
+    /// before anything registers (checker tasks are spawned on it).
+    pub fn memory(opts: RegistryOptions) -> Registry {
+        Self::with_store(opts, Store::Memory)
+    }
+
+    fn with_store(opts: RegistryOptions, store: Store) -> Registry {
+        let cancel = CancellationToken::new();
+        let inner = Arc::new(Inner {
+            opts,
+            slots: ArcSwap::from_pointee(HashMap::new()),
+            slots_write: Mutex::new(()),
+            index: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+            store,
+            cancel: cancel.clone(),
+        });
+        Registry {
+            inner,
+            _guard: Arc::new(cancel.drop_guard()),
+        }
+    }
+
+    /// The store kind: `"memory"` or `"redis"`.
+    pub fn store_kind(&self) -> &'static str {
+        self.inner.store.kind()
+    }
+
+    /// Registers (or re-registers) an instance and returns it as readers will see it.
+    ///
+    /// Registering again with the same body changes nothing (idempotent, the
+    /// status is kept); a different body replaces the instance and restarts its check.
+    pub async fn register(
+        &self,
+        service: &str,
+        id: &str,
+        registration: Registration,
+    ) -> Result<Instance, RegistryError> {
+        validate::service_name(service)?;
+        validate::instance_id(id)?;
+        validate::registration(&registration, &self.inner.opts.network)?;
+        let slot = self.inner.slot(service);
+        if let Some(existing) = self.inner.same_registration(&slot, id, &registration) {
+            if let Store::Redis(store) = &self.inner.store {
+                // Re-registration is also how clients repair a Redis that lost its data.
+                store.ensure(&slot.name, id, &existing).await?;
+            }
+            return Ok(self.inner.instance(&slot, id).expect("just checked"));
+        }
+        let known = Known {
+            status: initial_status(&registration),
+            reg: registration,
+            generation: self.inner.next_generation(),
+            last_check: None,
+        };
+        match &self.inner.store {
+            Store::Memory => self.inner.upsert(&slot, id, known),
+            Store::Redis(store) => {
+                let _sync = store.lock().await;
+                store.put(service, id, &known).await?;
+                self.inner.upsert(&slot, id, known);
+            }
+        }
+        Ok(self.inner.instance(&slot, id).expect("just inserted"))
+    }
+
+    /// Renews the TTL of an instance's check (and marks it alive for any check kind).
+    pub async fn heartbeat(&self, service: &str, id: &str) -> Result<(), RegistryError> {
+        validate::service_name(service)?;
+        validate::instance_id(id)?;
+        let not_found = || RegistryError::NotFound {
+            service: service.to_owned(),
+            id: id.to_owned(),
+        };
+        if let Store::Redis(store) = &self.inner.store
+            && self.inner.instance_by_name(service, id).is_none()
+        {
+            // Registered through another process and not announced here yet.
+            store.resync_service(&self.inner, service).await?;
+        }
+        let slot = self.inner.existing_slot(service).ok_or_else(not_found)?;
+        let ttl = {
+            let mut state = slot.state.lock();
+            let entry = state.instances.get_mut(id).ok_or_else(not_found)?;
+            entry.last_heartbeat = Instant::now();
+            entry.wake.notify_one();
+            match &entry.reg.check {
+                Some(CheckSpec {
+                    kind: CheckKind::Ttl { ttl },
+                    ..
+                }) => Some(*ttl),
+                _ => None,
+            }
+        };
+        if let (Store::Redis(store), Some(ttl)) = (&self.inner.store, ttl) {
+            store.heartbeat(service, id, ttl).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes an instance. Returns whether it was registered.
+    pub async fn deregister(&self, service: &str, id: &str) -> Result<bool, RegistryError> {
+        validate::service_name(service)?;
+        validate::instance_id(id)?;
+        let mut existed = false;
+        let _sync = match &self.inner.store {
+            Store::Memory => None,
+            Store::Redis(store) => {
+                let sync = store.lock().await;
+                existed = store.delete(service, id, None).await?;
+                Some(sync)
+            }
+        };
+        if let Some(slot) = self.inner.existing_slot(service) {
+            existed |= self.inner.remove(&slot, id, None);
+        }
+        Ok(existed)
+    }
+
+    /// Reports what a caller saw when using an instance (passive health).
+    ///
+    /// `passive_failures` failures in a row take the instance out of `passing`
+    /// for `passive_ejection` and trigger an immediate active check, whose
+    /// passing result restores it. Unknown instances are ignored.
+    pub fn report(&self, service: &str, id: &str, outcome: PassiveOutcome) {
+        let Some(slot) = self.inner.existing_slot(service) else {
+            return;
+        };
+        let mut state = slot.state.lock();
+        let Some(entry) = state.instances.get_mut(id) else {
+            return;
+        };
+        match outcome {
+            PassiveOutcome::Success => entry.passive_failures = 0,
+            PassiveOutcome::Failure => {
+                entry.passive_failures = entry.passive_failures.saturating_add(1);
+                let now = Instant::now();
+                let ejected = entry.ejected_until.is_some_and(|u| u > now);
+                if entry.passive_failures >= self.inner.opts.passive_failures && !ejected {
+                    let until = now + self.inner.opts.passive_ejection;
+                    entry.ejected_until = Some(until);
+                    entry.passive_failures = 0;
+                    entry.wake.notify_one();
+                    tracing::info!(service, id, "instance suspected by passive failures");
+                    self.inner.rebuild(&slot, &state);
+                    drop(state);
+                    let inner = Arc::clone(&self.inner);
+                    let id = id.to_owned();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            () = tokio::time::sleep_until(until) => inner.end_ejection(&slot, &id, until),
+                            () = inner.cancel.cancelled() => {}
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    /// Summaries of every service with at least one instance, sorted by name.
+    pub fn services(&self) -> Vec<ServiceSummary> {
+        let slots = self.inner.slots.load();
+        let mut out: Vec<ServiceSummary> = slots
+            .values()
+            .filter_map(|slot| {
+                let view = slot.view.load();
+                (!view.instances.is_empty()).then(|| ServiceSummary {
+                    service: slot.name.clone(),
+                    instances: view.instances.len(),
+                    passing: view.passing.len(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.service.cmp(&b.service));
+        out
+    }
+
+    /// The current snapshot of a service, lock-free; `None` if it was never seen.
+    ///
+    /// This is the hot-path lookup (tens of nanoseconds): one atomic load of
+    /// the service map, one hash lookup, one atomic load of the view.
+    pub fn view(&self, service: &str) -> Option<Arc<ServiceView>> {
+        self.inner
+            .slots
+            .load()
+            .get(service)
+            .map(|slot| slot.view.load_full())
+    }
+
+    /// A fresh snapshot of a service including each instance's latest check time
+    /// (the lock-free view is only rebuilt on changes, not on every check).
+    pub fn snapshot(&self, service: &str) -> ServiceView {
+        match self.inner.existing_slot(service) {
+            Some(slot) => self.inner.build_view(&slot, &slot.state.lock(), None),
+            None => ServiceView::default(),
+        }
+    }
+
+    /// Watches a service (registered or not yet): a lock-free snapshot plus change notifications.
+    pub fn watch(&self, service: &str) -> ServiceWatch {
+        let slot = self.inner.slot(service);
+        ServiceWatch::new(Arc::clone(&slot.view), slot.tx.subscribe())
+    }
+
+    /// Number of instances whose checks this process runs right now (for the
+    /// Redis store, those whose lease it holds).
+    pub fn checks_owned(&self) -> usize {
+        match &self.inner.store {
+            Store::Memory => self
+                .inner
+                .slots
+                .load()
+                .values()
+                .map(|s| {
+                    s.state
+                        .lock()
+                        .instances
+                        .values()
+                        .filter(|e| e.reg.check.is_some())
+                        .count()
+                })
+                .sum(),
+            Store::Redis(store) => store.leases_held(),
+        }
+    }
+
+    /// Stops background work: checks, subscriptions; Redis leases are released
+    /// so another process takes the checks over at once. Dropping every clone
+    /// without calling this behaves like a crash (leases expire).
+    pub async fn shutdown(&self) {
+        self.inner.cancel.cancel();
+        if let Store::Redis(store) = &self.inner.store {
+            store.release_leases().await;
+        }
+    }
+}
+
+/// Jitter in `[0, interval)` derived from the instance identity and a per-process
+/// random seed, so 10,000 checks do not fire in the same millisecond.
+fn jitter(service: &str, id: &str, interval: Duration) -> Duration {
+    static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let h = SEED
+        .get_or_init(std::collections::hash_map::RandomState::new)
+        .hash_one((service, id));
+    let nanos = u64::try_from(interval.as_nanos())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    Duration::from_nanos(h % nanos)
+}
+
+impl Inner {
+    fn next_generation(&self) -> u64 {
+        // Unique across processes sharing Redis: time-based high bits, counter low bits.
+        let t = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros();
+        let t = u64::try_from(t).unwrap_or(0);
+        let c = self.generation.fetch_add(1, Ordering::Relaxed);
+        (t << 12) ^ (c & 0xfff) ^ (std::process::id() as u64).rotate_left(48)
+    }
+
+    pub(crate) fn existing_slot(&self, service: &str) -> Option<Arc<Slot>> {
+        self.slots.load().get(service).cloned()
+    }
+
+    pub(crate) fn slot(&self, service: &str) -> Arc<Slot> {
+        if let Some(slot) = self.existing_slot(service) {
+            return slot;
+        }
+        let _w = self.slots_write.lock();
+        let current = self.slots.load_full();
+        if let Some(slot) = current.get(service) {
+            return Arc::clone(slot);
+        }
+        let slot = Arc::new(Slot {
+            name: service.to_owned(),
+            state: Mutex::new(ServiceState::default()),
+            view: Arc::new(ArcSwap::from_pointee(ServiceView::default())),
+            tx: watch::Sender::new(0),
+        });
+        let mut next = HashMap::clone(&current);
+        next.insert(service.to_owned(), Arc::clone(&slot));
+        self.slots.store(Arc::new(next));
+        slot
+    }
+
+    pub(crate) fn slot_names(&self) -> Vec<String> {
+        self.slots.load().keys().cloned().collect()
+    }
+
+    fn same_registration(&self, slot: &Slot, id: &str, reg: &Registration) -> Option<Known> {
+        let state = slot.state.lock();
+        state
+            .instances
+            .get(id)
+            .filter(|e| &e.reg == reg)
+            .map(|e| Known {
+                reg: e.reg.clone(),
+                generation: e.generation,
+                status: e.status,
+                last_check: e.last_check,
+            })
+    }
+
+    fn instance_by_name(&self, service: &str, id: &str) -> Option<Instance> {
+        let slot = self.existing_slot(service)?;
+        self.instance(&slot, id)
+    }
+
+    fn instance(&self, slot: &Slot, id: &str) -> Option<Instance> {
+        let state = slot.state.lock();
+        let e = state.instances.get(id)?;
+        Some(Instance::new(
+            &slot.name,
+            id,
+            &e.reg,
+            e.effective_status(Instant::now()),
+            e.last_check,
+        ))
+    }
+
+    /// The instances this process knows for a service (Redis mirror input/output).
+    pub(crate) fn known(&self, slot: &Slot) -> BTreeMap<String, Known> {
+        slot.state
+            .lock()
+            .instances
+            .iter()
+            .map(|(id, e)| {
+                (
+                    id.clone(),
+                    Known {
+                        reg: e.reg.clone(),
+                        generation: e.generation,
+                        status: e.status,
+                        last_check: e.last_check,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Inserts or updates an instance; a new generation replaces the entry and its checker.
+    pub(crate) fn upsert(self: &Arc<Self>, slot: &Arc<Slot>, id: &str, known: Known) {
+        let mut state = slot.state.lock();
+        if let Some(e) = state.instances.get_mut(id)
+            && e.generation == known.generation
+        {
+            let changed = e.status != known.status;
+            if known.last_check > e.last_check {
+                e.last_check = known.last_check;
+            }
+            if changed {
+                e.status = known.status;
+                self.rebuild(slot, &state);
+            }
+            return;
+        }
+        let wake = Arc::new(Notify::new());
+        let task = known.reg.check.clone().map(|spec| {
+            let handle = tokio::spawn(check_loop(
+                Arc::clone(self),
+                Arc::clone(slot),
+                id.to_owned(),
+                known.generation,
+                spec,
+                known.reg.clone(),
+                Arc::clone(&wake),
+                known.status,
+            ));
+            AbortOnDrop(handle.abort_handle())
+        });
+        state.instances.insert(
+            id.to_owned(),
+            Entry {
+                reg: known.reg,
+                generation: known.generation,
+                status: known.status,
+                last_check: known.last_check,
+                last_heartbeat: Instant::now(),
+                passive_failures: 0,
+                ejected_until: None,
+                wake,
+                _task: task,
+            },
+        );
+        self.rebuild(slot, &state);
+    }
+
+    /// Removes an instance (only the given generation, when one is given).
+    pub(crate) fn remove(&self, slot: &Slot, id: &str, generation: Option<u64>) -> bool {
+        let mut state = slot.state.lock();
+        let matches = state
+            .instances
+            .get(id)
+            .is_some_and(|e| generation.is_none_or(|g| g == e.generation));
+        if matches {
+            state.instances.remove(id);
+            self.rebuild(slot, &state);
+        }
+        matches
+    }
+
+    fn end_ejection(&self, slot: &Slot, id: &str, until: Instant) {
+        let mut state = slot.state.lock();
+        if let Some(e) = state.instances.get_mut(id)
+            && e.ejected_until == Some(until)
+        {
+            e.ejected_until = None;
+            self.rebuild(slot, &state);
+        }
+    }
+
+    fn build_view(&self, slot: &Slot, state: &ServiceState, index: Option<u64>) -> ServiceView {
+        let now = Instant::now();
+        let instances: Vec<Instance> = state
+            .instances
+            .iter()
+            .map(|(id, e)| {
+                Instance::new(
+                    &slot.name,
+                    id,
+                    &e.reg,
+                    e.effective_status(now),
+                    e.last_check,
+                )
+            })
+            .collect();
+        let passing = instances
+            .iter()
+            .filter(|i| i.status == Status::Passing)
+            .cloned()
+            .collect();
+        ServiceView {
+            index: index.unwrap_or_else(|| slot.view.load().index),
+            instances,
+            passing,
+        }
+    }
+
+    /// Publishes a new snapshot; called with the slot's state locked so views are published in order.
+    fn rebuild(&self, slot: &Slot, state: &ServiceState) {
+        let index = self.index.fetch_add(1, Ordering::SeqCst) + 1;
+        let view = self.build_view(slot, state, Some(index));
+        slot.view.store(Arc::new(view));
+        slot.tx.send_replace(index);
+    }
+
+    fn entry_status(&self, slot: &Slot, id: &str, generation: u64) -> Option<Status> {
+        let state = slot.state.lock();
+        state
+            .instances
+            .get(id)
+            .filter(|e| e.generation == generation)
+            .map(|e| e.status)
+    }
+
+    fn touch(&self, slot: &Slot, id: &str, generation: u64, at: SystemTime) {
+        let mut state = slot.state.lock();
+        if let Some(e) = state.instances.get_mut(id)
+            && e.generation == generation
+        {
+            e.last_check = Some(at);
+        }
+    }
+
+    /// Sets the status an active check or TTL decided; in Redis mode it is stored first.
+    async fn publish_status(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        id: &str,
+        generation: u64,
+        status: Status,
+        at: Option<SystemTime>,
+    ) -> Result<(), RegistryError> {
+        let _sync = match &self.store {
+            Store::Memory => None,
+            Store::Redis(store) => {
+                let sync = store.lock().await;
+                store
+                    .set_status(&slot.name, id, generation, status, at)
+                    .await?;
+                Some(sync)
+            }
+        };
+        let mut state = slot.state.lock();
+        if let Some(e) = state.instances.get_mut(id)
+            && e.generation == generation
+        {
+            if at.is_some() {
+                e.last_check = at;
+            }
+            if e.status != status {
+                tracing::info!(service = %slot.name, id, %status, "instance status changed");
+                e.status = status;
+                if status == Status::Passing {
+                    // A passing active check clears a passive suspicion early.
+                    e.ejected_until = None;
+                }
+                self.rebuild(slot, &state);
+            }
+        }
+        Ok(())
+    }
+
+    async fn deregister_critical(self: &Arc<Self>, slot: &Arc<Slot>, id: &str, generation: u64) {
+        tracing::info!(service = %slot.name, id, "deregistering instance critical for too long");
+        let _sync = match &self.store {
+            Store::Memory => None,
+            Store::Redis(store) => {
+                let sync = store.lock().await;
+                if let Err(error) = store.delete(&slot.name, id, Some(generation)).await {
+                    tracing::warn!(service = %slot.name, id, %error, "could not deregister");
+                    return;
+                }
+                Some(sync)
+            }
+        };
+        self.remove(slot, id, Some(generation));
+    }
+
+    /// Whether this process should run the check now (always, for the memory store).
+    async fn own_check(&self, service: &str, id: &str, hold: Duration) -> bool {
+        match &self.store {
+            Store::Memory => true,
+            Store::Redis(store) => store.lease(service, id, hold).await,
+        }
+    }
+
+    /// Time left before a TTL check expires; `None` when the instance is gone.
+    async fn ttl_remaining(
+        &self,
+        slot: &Slot,
+        id: &str,
+        generation: u64,
+        ttl: Duration,
+    ) -> Option<Duration> {
+        let last = {
+            let state = slot.state.lock();
+            let e = state
+                .instances
+                .get(id)
+                .filter(|e| e.generation == generation)?;
+            e.last_heartbeat
+        };
+        let local = (last + ttl).saturating_duration_since(Instant::now());
+        match &self.store {
+            Store::Memory => Some(local),
+            Store::Redis(store) => Some(store.ttl_remaining(&slot.name, id).await.unwrap_or(local)),
+        }
+    }
+
+    pub(crate) fn apply_records(
+        self: &Arc<Self>,
+        service: &str,
+        records: BTreeMap<String, Record>,
+    ) {
+        let slot = self.slot(service);
+        let current = self.known(&slot);
+        for id in current.keys() {
+            if !records.contains_key(id) {
+                self.remove(&slot, id, None);
+            }
+        }
+        for (id, record) in records {
+            self.upsert(&slot, &id, record.into_known());
+        }
+    }
+}
+
+/// Runs the checks of one instance until it is removed (the task is aborted) or the registry stops.
+#[allow(clippy::too_many_arguments)]
+async fn check_loop(
+    inner: Arc<Inner>,
+    slot: Arc<Slot>,
+    id: String,
+    generation: u64,
+    spec: CheckSpec,
+    reg: Registration,
+    wake: Arc<Notify>,
+    initial: Status,
+) {
+    let cancel = inner.cancel.clone();
+    tokio::select! {
+        () = cancel.cancelled() => {}
+        () = async {
+            match spec.kind.clone() {
+                CheckKind::Ttl { ttl } => ttl_loop(&inner, &slot, &id, generation, &spec, ttl, &wake).await,
+                kind => active_loop(&inner, &slot, &id, generation, &spec, &reg, kind, &wake, initial).await,
+            }
+        } => {}
+    }
+}
+
+/// How long a non-owner waits before trying to take a check over: half an
+/// interval, so a dead owner's checks move within two intervals.
+fn retry_after(interval: Duration) -> Duration {
+    (interval / 2).max(Duration::from_millis(25))
+}
+
+/// How long a lease is held: renewed every interval, so it survives one late tick.
+fn lease_hold(interval: Duration) -> Duration {
+    interval + interval / 2
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn active_loop(
+    inner: &Arc<Inner>,
+    slot: &Arc<Slot>,
+    id: &str,
+    generation: u64,
+    spec: &CheckSpec,
+    reg: &Registration,
+    kind: CheckKind,
+    wake: &Notify,
+    initial: Status,
+) {
+    let target = ProbeTarget {
+        service: slot.name.clone(),
+        id: id.to_owned(),
+        address: reg.address.clone(),
+        port: reg.port,
+        kind,
+    };
+    let mut probe = inner.opts.prober.probe(&target);
+    let mut health: Option<HealthState> = None;
+    let mut critical_since: Option<Instant> = None;
+    tokio::select! {
+        () = tokio::time::sleep(jitter(&slot.name, id, spec.interval)) => {}
+        () = wake.notified() => {}
+    }
+    loop {
+        if !inner
+            .own_check(&slot.name, id, lease_hold(spec.interval))
+            .await
+        {
+            // Someone else checks it; forget local counters so a takeover resumes from the stored status.
+            health = None;
+            critical_since = None;
+            tokio::time::sleep(retry_after(spec.interval)).await;
+            continue;
+        }
+        let Some(current) = inner.entry_status(slot, id, generation) else {
+            return;
+        };
+        let health = health.get_or_insert_with(|| {
+            let fresh = current == initial
+                && current == Status::Critical
+                && inner.entry_never_checked(slot, id);
+            if fresh {
+                HealthState::new(spec.healthy_threshold, spec.unhealthy_threshold)
+            } else {
+                HealthState::resume(current, spec.healthy_threshold, spec.unhealthy_threshold)
+            }
+        });
+        let result = run_check(&mut probe, spec.timeout).await;
+        let now = SystemTime::now();
+        let before = health.status();
+        match health.observe(result) {
+            Some(new) => {
+                if let Err(error) = inner
+                    .publish_status(slot, id, generation, new, Some(now))
+                    .await
+                {
+                    tracing::warn!(service = %slot.name, id, %error, "could not store status");
+                    health.set_status(before);
+                }
+            }
+            None => inner.touch(slot, id, generation, now),
+        }
+        if health.status() == Status::Critical {
+            let since = *critical_since.get_or_insert_with(Instant::now);
+            if let Some(after) = spec.deregister_critical_after
+                && since.elapsed() >= after
+            {
+                inner.deregister_critical(slot, id, generation).await;
+                return;
+            }
+        } else {
+            critical_since = None;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(spec.interval) => {}
+            () = wake.notified() => {}
+        }
+    }
+}
+
+async fn ttl_loop(
+    inner: &Arc<Inner>,
+    slot: &Arc<Slot>,
+    id: &str,
+    generation: u64,
+    spec: &CheckSpec,
+    ttl: Duration,
+    wake: &Notify,
+) {
+    // Memory: sleep exactly until the deadline. Redis: heartbeats may land in
+    // another process, so poll the heartbeat key a few times per TTL.
+    let poll = match inner.store {
+        Store::Memory => None,
+        Store::Redis(_) => Some((ttl / 4).clamp(Duration::from_millis(25), Duration::from_secs(2))),
+    };
+    let mut critical_since: Option<Instant> = None;
+    loop {
+        if !inner
+            .own_check(&slot.name, id, lease_hold(poll.unwrap_or(ttl)))
+            .await
+        {
+            critical_since = None;
+            tokio::time::sleep(retry_after(poll.unwrap_or(ttl))).await;
+            continue;
+        }
+        let Some(remaining) = inner.ttl_remaining(slot, id, generation, ttl).await else {
+            return;
+        };
+        let Some(status) = inner.entry_status(slot, id, generation) else {
+            return;
+        };
+        let mut wait = remaining;
+        if remaining.is_zero() {
+            if status != Status::Critical {
+                let _ = inner
+                    .publish_status(slot, id, generation, Status::Critical, None)
+                    .await;
+            }
+            let since = *critical_since.get_or_insert_with(Instant::now);
+            match spec.deregister_critical_after {
+                Some(after) if since.elapsed() >= after => {
+                    inner.deregister_critical(slot, id, generation).await;
+                    return;
+                }
+                Some(after) => wait = after - since.elapsed(),
+                None => wait = Duration::from_secs(3600),
+            }
+        } else {
+            critical_since = None;
+            if status != Status::Passing {
+                let _ = inner
+                    .publish_status(slot, id, generation, Status::Passing, None)
+                    .await;
+            }
+        }
+        if let Some(poll) = poll {
+            wait = wait.min(poll);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = wake.notified() => {}
+        }
+    }
+}
+
+impl Inner {
+    fn entry_never_checked(&self, slot: &Slot, id: &str) -> bool {
+        slot.state
+            .lock()
+            .instances
+            .get(id)
+            .is_some_and(|e| e.last_check.is_none())
+    }
+}

@@ -1,0 +1,582 @@
+//! The `redis://` store: one shared view for every process on the same Redis.
+//!
+//! # Keys (prefix `P`, default `switchboard:registry`)
+//! - `P:services`: SET of service names.
+//! - `P:svc:{service}`: HASH id -> registration record (JSON, with its generation).
+//! - `P:status:{service}`: HASH id -> `generation|status|last_check_ms`.
+//! - `P:hb:{service}:{id}`: TTL heartbeat, `SET ... PX ttl`.
+//! - `P:lease:{service}:{id}`: which process runs the instance's check, `SET NX PX`.
+//! - `P:epoch`: present while Redis still holds our data; its absence after a
+//!   reconnect means Redis lost it and every process re-seeds what it knows.
+//! - channel `P:changes`: the name of a service that changed.
+//!
+//! # Consistency
+//! Every process mirrors Redis in memory (readers never wait on Redis). A
+//! change is written, then announced on the channel; each process re-reads the
+//! named service. A full resynchronisation runs on every (re)connection and
+//! every `resync_interval`, so a lost notification delays a change but never
+//! loses it. Status writes carry the instance's generation, so a check of a
+//! replaced registration cannot overwrite the new one.
+//!
+//! # Check ownership
+//! Every process runs a checker task per instance, but only the holder of the
+//! instance's lease probes it. The owner renews the lease every interval for
+//! 1.5 intervals; others retry every half interval, so when the owner dies
+//! another process takes over within two intervals.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use parking_lot::Mutex;
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Registration, Status};
+use crate::registry::{
+    Inner, Known, Registry, RegistryError, RegistryOptions, Store, initial_status,
+};
+
+/// Bound on every Redis round trip: a dead Redis must not stall checks or writes.
+const OP_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub(crate) struct RedisStore {
+    client: redis::Client,
+    conn: ConnectionManager,
+    prefix: String,
+    node: String,
+    leases: Mutex<HashMap<(String, String), tokio::time::Instant>>,
+    /// Serialises "read Redis, apply to the mirror" against local writes, so an
+    /// older read is never applied over a newer write.
+    sync: tokio::sync::Mutex<()>,
+    lease_script: redis::Script,
+    release_script: redis::Script,
+    status_script: redis::Script,
+    delete_script: redis::Script,
+}
+
+/// An instance as stored in `P:svc:{service}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Stored {
+    registration: Registration,
+    generation: String,
+}
+
+/// One instance read back from Redis.
+#[derive(Debug, Clone)]
+pub(crate) struct Record {
+    registration: Registration,
+    generation: u64,
+    status: Status,
+    last_check: Option<SystemTime>,
+}
+
+impl Record {
+    pub(crate) fn into_known(self) -> Known {
+        Known {
+            reg: self.registration,
+            generation: self.generation,
+            status: self.status,
+            last_check: self.last_check,
+        }
+    }
+}
+
+fn store_err(e: impl std::fmt::Display) -> RegistryError {
+    RegistryError::Store(e.to_string())
+}
+
+async fn bounded<T>(fut: impl Future<Output = redis::RedisResult<T>>) -> Result<T, RegistryError> {
+    match tokio::time::timeout(OP_TIMEOUT, fut).await {
+        Ok(r) => r.map_err(store_err),
+        Err(_) => Err(RegistryError::Store("redis did not answer in time".into())),
+    }
+}
+
+fn millis(t: SystemTime) -> u64 {
+    u64::try_from(
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis(),
+    )
+    .unwrap_or(0)
+}
+
+fn status_value(generation: u64, status: Status, last_check: Option<SystemTime>) -> String {
+    format!(
+        "{generation}|{status}|{}",
+        last_check
+            .map(millis)
+            .map(|m| m.to_string())
+            .unwrap_or_default()
+    )
+}
+
+impl RedisStore {
+    pub(crate) async fn connect(url: &str, opts: &RegistryOptions) -> Result<Self, RegistryError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| RegistryError::UnsupportedStore(format!("{url}: {e}")))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(OP_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.get_connection_manager_with_config(config),
+        )
+        .await
+        .map_err(|_| RegistryError::Store(format!("{url}: connect timed out")))?
+        .map_err(|e| RegistryError::Store(format!("{url}: {e}")))?;
+        let node = format!(
+            "{}-{}",
+            std::process::id(),
+            millis(SystemTime::now()) ^ (std::ptr::from_ref(&conn) as usize as u64)
+        );
+        Ok(RedisStore {
+            client,
+            conn,
+            prefix: opts.redis_prefix.clone(),
+            node,
+            leases: Mutex::new(HashMap::new()),
+            sync: tokio::sync::Mutex::new(()),
+            lease_script: redis::Script::new(
+                r"local v = redis.call('GET', KEYS[1])
+                  if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+                  if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+                  return 0",
+            ),
+            release_script: redis::Script::new(
+                r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+                  return 0",
+            ),
+            status_script: redis::Script::new(
+                r"local cur = redis.call('HGET', KEYS[1], ARGV[1])
+                  if not cur then return 0 end
+                  local gen = ARGV[2] .. '|'
+                  if string.sub(cur, 1, #gen) ~= gen then return 0 end
+                  local last = ARGV[4]
+                  if last == '' then last = string.match(cur, '[^|]*|[^|]*|(.*)') or '' end
+                  redis.call('HSET', KEYS[1], ARGV[1], gen .. ARGV[3] .. '|' .. last)
+                  redis.call('PUBLISH', KEYS[2], ARGV[5])
+                  return 1",
+            ),
+            delete_script: redis::Script::new(
+                r"local cur = redis.call('HGET', KEYS[2], ARGV[1])
+                  if ARGV[2] ~= '' then
+                    if not cur or string.sub(cur, 1, #ARGV[2] + 1) ~= ARGV[2] .. '|' then return 0 end
+                  end
+                  local n = redis.call('HDEL', KEYS[1], ARGV[1])
+                  redis.call('HDEL', KEYS[2], ARGV[1])
+                  redis.call('DEL', KEYS[3], KEYS[4])
+                  redis.call('PUBLISH', KEYS[5], ARGV[3])
+                  return n",
+            ),
+        })
+    }
+
+    /// Held around "write Redis, apply to the mirror" and "read Redis, apply to the mirror".
+    pub(crate) async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.sync.lock().await
+    }
+
+    fn k_services(&self) -> String {
+        format!("{}:services", self.prefix)
+    }
+    fn k_svc(&self, service: &str) -> String {
+        format!("{}:svc:{service}", self.prefix)
+    }
+    fn k_status(&self, service: &str) -> String {
+        format!("{}:status:{service}", self.prefix)
+    }
+    fn k_hb(&self, service: &str, id: &str) -> String {
+        format!("{}:hb:{service}:{id}", self.prefix)
+    }
+    fn k_lease(&self, service: &str, id: &str) -> String {
+        format!("{}:lease:{service}:{id}", self.prefix)
+    }
+    fn k_epoch(&self) -> String {
+        format!("{}:epoch", self.prefix)
+    }
+    fn channel(&self) -> String {
+        format!("{}:changes", self.prefix)
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    fn stored_json(known: &Known) -> Result<String, RegistryError> {
+        serde_json::to_string(&Stored {
+            registration: known.reg.clone(),
+            generation: known.generation.to_string(),
+        })
+        .map_err(store_err)
+    }
+
+    fn ttl_of(reg: &Registration) -> Option<Duration> {
+        match reg.check.as_ref().map(|c| &c.kind) {
+            Some(crate::model::CheckKind::Ttl { ttl }) => Some(*ttl),
+            _ => None,
+        }
+    }
+
+    /// Writes a (new generation of an) instance and announces it.
+    pub(crate) async fn put(
+        &self,
+        service: &str,
+        id: &str,
+        known: &Known,
+    ) -> Result<(), RegistryError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hset(self.k_svc(service), id, Self::stored_json(known)?)
+            .ignore()
+            .hset(
+                self.k_status(service),
+                id,
+                status_value(known.generation, known.status, known.last_check),
+            )
+            .ignore()
+            .sadd(self.k_services(), service)
+            .ignore()
+            .set_nx(self.k_epoch(), &self.node)
+            .ignore();
+        if let Some(ttl) = Self::ttl_of(&known.reg) {
+            pipe.pset_ex(self.k_hb(service, id), 1, millis_u64(ttl))
+                .ignore();
+        }
+        pipe.publish(self.channel(), service).ignore();
+        bounded(pipe.query_async::<()>(&mut self.conn())).await
+    }
+
+    /// Re-creates an instance if Redis lost it (data loss repair); keeps what is there otherwise.
+    pub(crate) async fn ensure(
+        &self,
+        service: &str,
+        id: &str,
+        known: &Known,
+    ) -> Result<(), RegistryError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hset_nx(self.k_svc(service), id, Self::stored_json(known)?)
+            .hset_nx(
+                self.k_status(service),
+                id,
+                status_value(known.generation, known.status, known.last_check),
+            )
+            .ignore()
+            .sadd(self.k_services(), service)
+            .ignore();
+        if let Some(ttl) = Self::ttl_of(&known.reg) {
+            pipe.pset_ex(self.k_hb(service, id), 1, millis_u64(ttl))
+                .ignore();
+        }
+        let (created,): (bool,) = bounded(pipe.query_async(&mut self.conn())).await?;
+        if created {
+            let _: () = bounded(self.conn().publish(self.channel(), service)).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes an instance (only the given generation when one is given).
+    pub(crate) async fn delete(
+        &self,
+        service: &str,
+        id: &str,
+        generation: Option<u64>,
+    ) -> Result<bool, RegistryError> {
+        let mut inv = self.delete_script.prepare_invoke();
+        inv.key(self.k_svc(service))
+            .key(self.k_status(service))
+            .key(self.k_hb(service, id))
+            .key(self.k_lease(service, id))
+            .key(self.channel())
+            .arg(id)
+            .arg(generation.map(|g| g.to_string()).unwrap_or_default())
+            .arg(service);
+        let n: i64 = bounded(inv.invoke_async(&mut self.conn())).await?;
+        Ok(n > 0)
+    }
+
+    /// Stores a status decided by this process's check (if the generation still matches).
+    pub(crate) async fn set_status(
+        &self,
+        service: &str,
+        id: &str,
+        generation: u64,
+        status: Status,
+        at: Option<SystemTime>,
+    ) -> Result<(), RegistryError> {
+        let mut inv = self.status_script.prepare_invoke();
+        inv.key(self.k_status(service))
+            .key(self.channel())
+            .arg(id)
+            .arg(generation.to_string())
+            .arg(status.as_str())
+            .arg(at.map(millis).map(|m| m.to_string()).unwrap_or_default())
+            .arg(service);
+        let _: i64 = bounded(inv.invoke_async(&mut self.conn())).await?;
+        Ok(())
+    }
+
+    /// Renews a TTL heartbeat.
+    pub(crate) async fn heartbeat(
+        &self,
+        service: &str,
+        id: &str,
+        ttl: Duration,
+    ) -> Result<(), RegistryError> {
+        let _: () = bounded(
+            self.conn()
+                .pset_ex(self.k_hb(service, id), 1, millis_u64(ttl)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Time left on a TTL heartbeat; `None` when Redis cannot tell.
+    pub(crate) async fn ttl_remaining(&self, service: &str, id: &str) -> Option<Duration> {
+        let ms: i64 = bounded(self.conn().pttl(self.k_hb(service, id)))
+            .await
+            .ok()?;
+        match ms {
+            -2 => Some(Duration::ZERO),
+            ms if ms >= 0 => Some(Duration::from_millis(ms.unsigned_abs())),
+            _ => None,
+        }
+    }
+
+    /// Acquires or renews the lease on an instance's check.
+    pub(crate) async fn lease(&self, service: &str, id: &str, hold: Duration) -> bool {
+        let mut inv = self.lease_script.prepare_invoke();
+        inv.key(self.k_lease(service, id))
+            .arg(&self.node)
+            .arg(millis_u64(hold).max(1));
+        let owned = matches!(
+            bounded(inv.invoke_async::<i64>(&mut self.conn())).await,
+            Ok(1)
+        );
+        let key = (service.to_owned(), id.to_owned());
+        let mut leases = self.leases.lock();
+        if owned {
+            leases.insert(key, tokio::time::Instant::now() + hold);
+        } else {
+            leases.remove(&key);
+        }
+        owned
+    }
+
+    pub(crate) fn leases_held(&self) -> usize {
+        let now = tokio::time::Instant::now();
+        self.leases
+            .lock()
+            .values()
+            .filter(|&&until| until > now)
+            .count()
+    }
+
+    pub(crate) async fn release_leases(&self) {
+        let held: Vec<(String, String)> = self.leases.lock().drain().map(|(k, _)| k).collect();
+        for (service, id) in held {
+            let mut inv = self.release_script.prepare_invoke();
+            inv.key(self.k_lease(&service, &id)).arg(&self.node);
+            let _ = bounded(inv.invoke_async::<i64>(&mut self.conn())).await;
+        }
+    }
+
+    async fn read_service(&self, service: &str) -> Result<BTreeMap<String, Record>, RegistryError> {
+        let (regs, statuses): (HashMap<String, String>, HashMap<String, String>) = bounded(
+            redis::pipe()
+                .hgetall(self.k_svc(service))
+                .hgetall(self.k_status(service))
+                .query_async(&mut self.conn()),
+        )
+        .await?;
+        let mut out = BTreeMap::new();
+        for (id, json) in regs {
+            let stored: Stored = match serde_json::from_str(&json) {
+                Ok(s) => s,
+                Err(error) => {
+                    tracing::warn!(service, id, %error, "skipping unreadable instance record");
+                    continue;
+                }
+            };
+            let Ok(generation) = stored.generation.parse::<u64>() else {
+                continue;
+            };
+            let mut status = initial_status(&stored.registration);
+            let mut last_check = None;
+            if let Some(value) = statuses.get(&id) {
+                let mut parts = value.splitn(3, '|');
+                let g = parts.next().and_then(|g| g.parse::<u64>().ok());
+                let s = parts.next();
+                let l = parts.next().and_then(|l| l.parse::<u64>().ok());
+                if g == Some(generation) {
+                    status = match s {
+                        Some("passing") => Status::Passing,
+                        Some("warning") => Status::Warning,
+                        _ => Status::Critical,
+                    };
+                    last_check = l.map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+                }
+            }
+            out.insert(
+                id,
+                Record {
+                    registration: stored.registration,
+                    generation,
+                    status,
+                    last_check,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// Re-reads one service and applies it to the mirror.
+    pub(crate) async fn resync_service(
+        &self,
+        inner: &Arc<Inner>,
+        service: &str,
+    ) -> Result<(), RegistryError> {
+        if crate::validate::service_name(service).is_err() {
+            return Ok(());
+        }
+        let _sync = self.sync.lock().await;
+        let records = self.read_service(service).await?;
+        inner.apply_records(service, records);
+        Ok(())
+    }
+
+    /// Re-reads everything; repairs Redis from the mirror if Redis lost its data.
+    pub(crate) async fn resync_all(&self, inner: &Arc<Inner>) -> Result<(), RegistryError> {
+        let fresh: bool = bounded(self.conn().set_nx(self.k_epoch(), &self.node)).await?;
+        if fresh {
+            // Redis is empty (first start, or it restarted without our data): put back what we know.
+            let mut restored = 0usize;
+            for service in inner.slot_names() {
+                if let Some(slot) = inner.existing_slot(&service) {
+                    for (id, known) in inner.known(&slot) {
+                        self.ensure(&service, &id, &known).await?;
+                        restored += 1;
+                    }
+                }
+            }
+            if restored > 0 {
+                tracing::warn!(
+                    restored,
+                    "redis lost the registry; restored it from this process's view"
+                );
+            }
+        }
+        let names: Vec<String> = bounded(self.conn().smembers(self.k_services())).await?;
+        let mut all: Vec<String> = inner.slot_names();
+        all.extend(names);
+        all.sort();
+        all.dedup();
+        for service in all {
+            self.resync_service(inner, &service).await?;
+        }
+        Ok(())
+    }
+}
+
+fn millis_u64(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Starts the mirror: an initial full read, the notification subscriber and the periodic resync.
+pub(crate) async fn start(registry: &Registry) -> Result<(), RegistryError> {
+    let inner = Arc::clone(&registry.inner);
+    let Store::Redis(store) = &inner.store else {
+        return Ok(());
+    };
+    store.resync_all(&inner).await?;
+    let weak = Arc::downgrade(&inner);
+    let cancel = inner.cancel.clone();
+    let client = store.client.clone();
+    let channel = store.channel();
+    let every = inner.opts.resync_interval;
+    let sub_weak = weak.clone();
+    let sub_cancel = cancel.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = sub_cancel.cancelled() => {}
+            () = subscriber(sub_weak, client, channel) => {}
+        }
+    });
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let Some(inner) = weak.upgrade() else { return };
+            if let Store::Redis(store) = &inner.store
+                && let Err(error) = store.resync_all(&inner).await
+            {
+                tracing::warn!(%error, "registry resync failed; will retry");
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Follows change notifications; after every (re)subscription, resynchronises everything.
+async fn subscriber(weak: std::sync::Weak<Inner>, client: redis::Client, channel: String) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let pubsub = async {
+            let mut ps = tokio::time::timeout(OP_TIMEOUT, client.get_async_pubsub())
+                .await
+                .map_err(store_err)?
+                .map_err(store_err)?;
+            tokio::time::timeout(OP_TIMEOUT, ps.subscribe(&channel))
+                .await
+                .map_err(store_err)?
+                .map_err(store_err)?;
+            Ok::<_, RegistryError>(ps)
+        }
+        .await;
+        match pubsub {
+            Ok(ps) => {
+                backoff = Duration::from_millis(50);
+                {
+                    let Some(inner) = weak.upgrade() else { return };
+                    if let Store::Redis(store) = &inner.store
+                        && let Err(error) = store.resync_all(&inner).await
+                    {
+                        tracing::warn!(%error, "registry resync after subscribe failed");
+                    }
+                }
+                let mut messages = ps.into_on_message();
+                while let Some(msg) = messages.next().await {
+                    let Ok(service) = msg.get_payload::<String>() else {
+                        continue;
+                    };
+                    let Some(inner) = weak.upgrade() else { return };
+                    if let Store::Redis(store) = &inner.store
+                        && let Err(error) = store.resync_service(&inner, &service).await
+                    {
+                        tracing::warn!(service, %error, "registry resync of one service failed");
+                    }
+                }
+                tracing::warn!("registry lost its redis subscription; reconnecting");
+            }
+            Err(error) => {
+                tracing::debug!(%error, "registry cannot subscribe to redis yet");
+            }
+        }
+        if weak.strong_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}

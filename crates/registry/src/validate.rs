@@ -1,0 +1,581 @@
+//! Strict validation of names, ids and registration bodies.
+//!
+//! Every error names the field (`port`, `check.interval`, `tags[2]`) so the
+//! HTTP API can answer 400 with a precise problem document.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde_json::Value;
+
+use crate::model::{CheckKind, CheckSpec, Registration};
+
+/// A rejected input: which field and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field}: {message}")]
+pub struct ValidationError {
+    /// The offending field, as a JSON path (`check.interval`) or a path segment (`service`).
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl ValidationError {
+    pub(crate) fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ValidationError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Most tags an instance may carry.
+pub const MAX_TAGS: usize = 64;
+/// Most metadata entries an instance may carry.
+pub const MAX_METADATA: usize = 64;
+/// Longest tag, metadata key, instance id or hostname (bytes).
+pub const MAX_SHORT: usize = 128;
+/// Longest metadata value or HTTP check path (bytes).
+pub const MAX_LONG: usize = 1024;
+
+/// Which addresses instances may register with.
+///
+/// An IP address must be inside one of `allowed` and outside every `denied`
+/// network and must not be the unspecified address (`0.0.0.0`, `::`).
+/// Hostnames are checked for syntax only (they are resolved when checked and
+/// when routed to), unless `allow_hostnames` is false.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkPolicy {
+    /// Networks addresses must fall inside. Default: everything.
+    pub allowed: Vec<IpNet>,
+    /// Networks that are refused even inside `allowed`. Default: link-local
+    /// `169.254.0.0/16` (cloud metadata endpoints live there) and its IPv6 twin `fe80::/10`.
+    pub denied: Vec<IpNet>,
+    /// Whether hostnames are accepted at all. Default: true.
+    pub allow_hostnames: bool,
+}
+
+impl Default for NetworkPolicy {
+    fn default() -> Self {
+        NetworkPolicy {
+            allowed: vec![
+                "0.0.0.0/0".parse().expect("valid net"),
+                "::/0".parse().expect("valid net"),
+            ],
+            denied: vec![
+                "169.254.0.0/16".parse().expect("valid net"),
+                "fe80::/10".parse().expect("valid net"),
+            ],
+            allow_hostnames: true,
+        }
+    }
+}
+
+impl NetworkPolicy {
+    /// Checks `address` (the `address` field of a registration).
+    pub fn check(&self, address: &str) -> Result<(), ValidationError> {
+        let err = |m: String| Err(ValidationError::new("address", m));
+        if let Ok(ip) = address.parse::<IpAddr>() {
+            let ip = match ip {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+                v4 @ IpAddr::V4(_) => v4,
+            };
+            if ip.is_unspecified() {
+                return err(format!("{address} is the unspecified address"));
+            }
+            if let Some(net) = self.denied.iter().find(|n| n.contains(&ip)) {
+                return err(format!("{address} is inside the denied network {net}"));
+            }
+            if !self.allowed.iter().any(|n| n.contains(&ip)) {
+                return err(format!("{address} is outside the allowed networks"));
+            }
+            return Ok(());
+        }
+        if !self.allow_hostnames {
+            return err("must be an IP address (hostnames are not allowed)".into());
+        }
+        check_hostname(address).map_err(|m| ValidationError::new("address", m))
+    }
+}
+
+fn check_hostname(host: &str) -> Result<(), String> {
+    if host.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if host.len() > 253 {
+        return Err("hostname longer than 253 characters".into());
+    }
+    let host = host.strip_suffix('.').unwrap_or(host);
+    for label in host.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !ok {
+            return Err(format!(
+                "{host:?} is neither an IP address nor a valid hostname"
+            ));
+        }
+    }
+    if host
+        .rsplit('.')
+        .next()
+        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(format!("{host:?} is not a valid IP address"));
+    }
+    Ok(())
+}
+
+/// Service names: `[a-z0-9-]{1,63}`.
+pub fn service_name(name: &str) -> Result<(), ValidationError> {
+    let ok = (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            "service",
+            "must match [a-z0-9-]{1,63}",
+        ))
+    }
+}
+
+/// Instance ids: `[A-Za-z0-9._:-]{1,128}`.
+pub fn instance_id(id: &str) -> Result<(), ValidationError> {
+    let ok = (1..=MAX_SHORT).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            "id",
+            "must match [A-Za-z0-9._:-]{1,128}",
+        ))
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn expected(field: &str, what: &str, got: &Value) -> ValidationError {
+    ValidationError::new(field, format!("expected {what}, got {}", type_name(got)))
+}
+
+fn printable(s: &str) -> bool {
+    s.chars().all(|c| !c.is_control())
+}
+
+/// Parses a registration body (before the network policy).
+pub(crate) fn parse_registration(value: &Value) -> Result<Registration, ValidationError> {
+    let Value::Object(map) = value else {
+        return Err(expected("body", "a JSON object", value));
+    };
+    const KNOWN: [&str; 6] = ["address", "port", "version", "tags", "metadata", "check"];
+    if let Some(k) = map.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(ValidationError::new(
+            k.as_str(),
+            format!("unknown field (expected one of {})", KNOWN.join(", ")),
+        ));
+    }
+    let address = match map.get("address") {
+        None | Some(Value::Null) => return Err(ValidationError::new("address", "is required")),
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => return Err(expected("address", "a string", v)),
+    };
+    if address.is_empty() {
+        return Err(ValidationError::new("address", "must not be empty"));
+    }
+    let port = match map.get("port") {
+        None | Some(Value::Null) => return Err(ValidationError::new("port", "is required")),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(p @ 1..=65535) => u16::try_from(p).expect("in range"),
+            _ => {
+                return Err(ValidationError::new(
+                    "port",
+                    format!("must be an integer 1-65535, got {n}"),
+                ));
+            }
+        },
+        Some(v) => return Err(expected("port", "an integer 1-65535", v)),
+    };
+    let version = match map.get("version") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(semver::Version::parse(s).map_err(|e| {
+            ValidationError::new("version", format!("not a semantic version: {e}"))
+        })?),
+        Some(v) => return Err(expected("version", "a semantic version string", v)),
+    };
+    let tags = match map.get("tags") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => {
+            if items.len() > MAX_TAGS {
+                return Err(ValidationError::new(
+                    "tags",
+                    format!("at most {MAX_TAGS} tags"),
+                ));
+            }
+            let mut tags = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                let field = format!("tags[{i}]");
+                let Value::String(s) = item else {
+                    return Err(expected(&field, "a string", item));
+                };
+                if s.is_empty() || s.len() > MAX_SHORT || !printable(s) {
+                    return Err(ValidationError::new(
+                        field,
+                        format!("must be 1-{MAX_SHORT} printable characters"),
+                    ));
+                }
+                tags.push(s.clone());
+            }
+            tags
+        }
+        Some(v) => return Err(expected("tags", "an array of strings", v)),
+    };
+    let metadata = match map.get("metadata") {
+        None | Some(Value::Null) => Default::default(),
+        Some(Value::Object(m)) => {
+            if m.len() > MAX_METADATA {
+                return Err(ValidationError::new(
+                    "metadata",
+                    format!("at most {MAX_METADATA} entries"),
+                ));
+            }
+            let mut out = std::collections::BTreeMap::new();
+            for (k, v) in m {
+                let field = format!("metadata.{k}");
+                let key_ok = (1..=MAX_SHORT).contains(&k.len())
+                    && k.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/')
+                    });
+                if !key_ok {
+                    return Err(ValidationError::new(
+                        "metadata",
+                        format!("key {k:?} must match [A-Za-z0-9._/-]{{1,{MAX_SHORT}}}"),
+                    ));
+                }
+                let Value::String(s) = v else {
+                    return Err(expected(&field, "a string", v));
+                };
+                if s.len() > MAX_LONG || !printable(s) {
+                    return Err(ValidationError::new(
+                        field,
+                        format!("must be at most {MAX_LONG} printable characters"),
+                    ));
+                }
+                out.insert(k.clone(), s.clone());
+            }
+            out
+        }
+        Some(v) => return Err(expected("metadata", "an object of strings", v)),
+    };
+    let check = match map.get("check") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(parse_check(v, "check")?),
+    };
+    Ok(Registration {
+        address,
+        port,
+        version,
+        tags,
+        metadata,
+        check,
+    })
+}
+
+fn parse_duration(value: &Value, field: &str) -> Result<Duration, ValidationError> {
+    let Value::String(s) = value else {
+        return Err(expected(field, "a duration string like \"2s\"", value));
+    };
+    humantime::parse_duration(s).map_err(|e| {
+        ValidationError::new(
+            field,
+            format!("not a duration like \"2s\" or \"500ms\": {e}"),
+        )
+    })
+}
+
+fn bounded(
+    d: Duration,
+    field: &str,
+    min: Duration,
+    max: Duration,
+) -> Result<Duration, ValidationError> {
+    if d < min || d > max {
+        return Err(ValidationError::new(
+            field,
+            format!(
+                "must be between {} and {}",
+                humantime::format_duration(min),
+                humantime::format_duration(max)
+            ),
+        ));
+    }
+    Ok(d)
+}
+
+fn parse_threshold(
+    value: Option<&Value>,
+    field: &str,
+    default: u32,
+) -> Result<u32, ValidationError> {
+    match value {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(t @ 1..=100) => Ok(u32::try_from(t).expect("in range")),
+            _ => Err(ValidationError::new(field, "must be an integer 1-100")),
+        },
+        Some(v) => Err(expected(field, "an integer 1-100", v)),
+    }
+}
+
+/// Shortest allowed check interval.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(50);
+/// Longest allowed check interval, TTL or deregistration delay.
+pub const MAX_PERIOD: Duration = Duration::from_secs(24 * 3600);
+
+/// Parses a `check` object; `prefix` is its JSON path.
+pub(crate) fn parse_check(value: &Value, prefix: &str) -> Result<CheckSpec, ValidationError> {
+    let Value::Object(map) = value else {
+        return Err(expected(prefix, "an object", value));
+    };
+    let f = |name: &str| format!("{prefix}.{name}");
+    const KNOWN: [&str; 8] = [
+        "http",
+        "tcp",
+        "ttl",
+        "interval",
+        "timeout",
+        "healthy_threshold",
+        "unhealthy_threshold",
+        "deregister_critical_after",
+    ];
+    if let Some(k) = map.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(ValidationError::new(
+            f(k),
+            format!("unknown field (expected one of {})", KNOWN.join(", ")),
+        ));
+    }
+    let present = |k: &str| map.get(k).is_some_and(|v| !v.is_null());
+    let kinds = ["http", "tcp", "ttl"].iter().filter(|k| present(k)).count();
+    if kinds != 1 {
+        return Err(ValidationError::new(
+            prefix,
+            "must have exactly one of http, tcp, ttl",
+        ));
+    }
+    let kind = if let Some(v) = map.get("http").filter(|v| !v.is_null()) {
+        let Value::String(path) = v else {
+            return Err(expected(&f("http"), "a path string like \"/health\"", v));
+        };
+        let ok = path.starts_with('/')
+            && path.len() <= MAX_LONG
+            && path.bytes().all(|b| b.is_ascii_graphic());
+        if !ok || path.parse::<http::uri::PathAndQuery>().is_err() {
+            return Err(ValidationError::new(
+                f("http"),
+                format!(
+                    "must be a path starting with / of at most {MAX_LONG} visible ASCII characters"
+                ),
+            ));
+        }
+        CheckKind::Http { path: path.clone() }
+    } else if let Some(v) = map.get("tcp").filter(|v| !v.is_null()) {
+        if v != &Value::Bool(true) {
+            return Err(expected(&f("tcp"), "true", v));
+        }
+        CheckKind::Tcp
+    } else {
+        let v = &map["ttl"];
+        let ttl = bounded(
+            parse_duration(v, &f("ttl"))?,
+            &f("ttl"),
+            Duration::from_millis(100),
+            MAX_PERIOD,
+        )?;
+        CheckKind::Ttl { ttl }
+    };
+    let interval = match map.get("interval").filter(|v| !v.is_null()) {
+        Some(v) => bounded(
+            parse_duration(v, &f("interval"))?,
+            &f("interval"),
+            MIN_INTERVAL,
+            MAX_PERIOD,
+        )?,
+        None => CheckSpec::DEFAULT_INTERVAL,
+    };
+    let timeout = match map.get("timeout").filter(|v| !v.is_null()) {
+        Some(v) => {
+            let t = parse_duration(v, &f("timeout"))?;
+            if t.is_zero() || t > interval {
+                return Err(ValidationError::new(
+                    f("timeout"),
+                    "must be more than 0 and at most the interval",
+                ));
+            }
+            t
+        }
+        None => CheckSpec::DEFAULT_TIMEOUT.min(interval),
+    };
+    let healthy_threshold = parse_threshold(
+        map.get("healthy_threshold"),
+        &f("healthy_threshold"),
+        CheckSpec::DEFAULT_HEALTHY_THRESHOLD,
+    )?;
+    let unhealthy_threshold = parse_threshold(
+        map.get("unhealthy_threshold"),
+        &f("unhealthy_threshold"),
+        CheckSpec::DEFAULT_UNHEALTHY_THRESHOLD,
+    )?;
+    let deregister_critical_after = match map
+        .get("deregister_critical_after")
+        .filter(|v| !v.is_null())
+    {
+        Some(v) => Some(bounded(
+            parse_duration(v, &f("deregister_critical_after"))?,
+            &f("deregister_critical_after"),
+            Duration::from_millis(100),
+            MAX_PERIOD,
+        )?),
+        None => None,
+    };
+    Ok(CheckSpec {
+        kind,
+        interval,
+        timeout,
+        healthy_threshold,
+        unhealthy_threshold,
+        deregister_critical_after,
+    })
+}
+
+/// Validates a registration made in-process (the same rules as the JSON body).
+pub(crate) fn registration(
+    reg: &Registration,
+    policy: &NetworkPolicy,
+) -> Result<(), ValidationError> {
+    // Round-trip through the JSON form so in-process and HTTP registrations obey one rule set.
+    let parsed = parse_registration(&reg.to_json())?;
+    if reg.port == 0 {
+        return Err(ValidationError::new(
+            "port",
+            "must be an integer 1-65535, got 0",
+        ));
+    }
+    policy.check(&parsed.address)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn names() {
+        assert!(service_name("user-service").is_ok());
+        assert!(service_name("").is_err());
+        assert!(service_name("User").is_err());
+        assert!(service_name(&"a".repeat(64)).is_err());
+        assert!(instance_id("i-1.a:b_c").is_ok());
+        assert!(instance_id("a/b").is_err());
+    }
+
+    #[test]
+    fn addresses() {
+        let p = NetworkPolicy::default();
+        assert!(p.check("127.0.0.1").is_ok());
+        assert!(p.check("::1").is_ok());
+        assert!(p.check("users.internal").is_ok());
+        assert_eq!(p.check("169.254.169.254").unwrap_err().field, "address");
+        assert!(p.check("0.0.0.0").is_err());
+        assert!(p.check("::").is_err());
+        assert!(p.check("::ffff:169.254.1.1").is_err());
+        assert!(p.check("fe80::1").is_err());
+        assert!(p.check("1.2.3.999").is_err());
+        assert!(p.check("bad host").is_err());
+        let narrow = NetworkPolicy {
+            allowed: vec!["10.0.0.0/8".parse().unwrap()],
+            allow_hostnames: false,
+            ..NetworkPolicy::default()
+        };
+        assert!(narrow.check("10.1.2.3").is_ok());
+        assert!(narrow.check("192.168.1.1").is_err());
+        assert!(narrow.check("example.com").is_err());
+    }
+
+    #[test]
+    fn body_errors_name_the_field() {
+        let cases = [
+            (json!([]), "body"),
+            (json!({"port": 1}), "address"),
+            (json!({"address": "a"}), "port"),
+            (json!({"address": "a", "port": 0}), "port"),
+            (json!({"address": "a", "port": 70000}), "port"),
+            (json!({"address": "a", "port": "80"}), "port"),
+            (
+                json!({"address": "a", "port": 80, "version": "1.x"}),
+                "version",
+            ),
+            (json!({"address": "a", "port": 80, "tags": [1]}), "tags[0]"),
+            (
+                json!({"address": "a", "port": 80, "metadata": {"k": 1}}),
+                "metadata.k",
+            ),
+            (json!({"address": "a", "port": 80, "extra": 1}), "extra"),
+            (json!({"address": "a", "port": 80, "check": {}}), "check"),
+            (
+                json!({"address": "a", "port": 80, "check": {"http": "x"}}),
+                "check.http",
+            ),
+            (
+                json!({"address": "a", "port": 80, "check": {"http": "/", "interval": "soon"}}),
+                "check.interval",
+            ),
+            (
+                json!({"address": "a", "port": 80, "check": {"http": "/", "interval": "1s", "timeout": "2s"}}),
+                "check.timeout",
+            ),
+            (
+                json!({"address": "a", "port": 80, "check": {"ttl": "1s", "healthy_threshold": 0}}),
+                "check.healthy_threshold",
+            ),
+            (
+                json!({"address": "a", "port": 80, "check": {"tcp": false}}),
+                "check.tcp",
+            ),
+        ];
+        for (body, field) in cases {
+            let err = parse_registration(&body).unwrap_err();
+            assert_eq!(err.field, field, "{body} -> {err}");
+        }
+    }
+
+    #[test]
+    fn full_body_round_trips() {
+        let body = json!({"address": "127.0.0.1", "port": 4001, "version": "1.4.0", "tags": ["a"],
+            "metadata": {"zone": "a"}, "check": {"http": "/health", "interval": "2s"}});
+        let reg = parse_registration(&body).unwrap();
+        assert_eq!(reg.port, 4001);
+        let check = reg.check.clone().unwrap();
+        assert_eq!(check.interval, Duration::from_secs(2));
+        assert_eq!(check.timeout, Duration::from_secs(2));
+        assert_eq!(parse_registration(&reg.to_json()).unwrap(), reg);
+    }
+}
