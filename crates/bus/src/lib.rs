@@ -46,6 +46,7 @@
 //! | backend | URL | durable | new group replays | competing consumers | ordered per topic |
 //! |---|---|---|---|---|---|
 //! | memory | `memory://[NAME]` | no (process lifetime) | yes | yes | yes |
+//! | Redis Streams | `redis://HOST:PORT` | yes (as the server's AOF/RDB) | yes (retention) | yes | yes |
 //!
 //! # Layout
 //! - [`event`]: the CloudEvents envelope, builder and validation.

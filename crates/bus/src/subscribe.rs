@@ -122,9 +122,8 @@ impl SubscribeOptions {
         self
     }
 
-    /// Sets this consumer's name within its group (default: random). A
-    /// restarted process that reuses its name takes over its own pending
-    /// deliveries at once instead of after the ack wait.
+    /// Sets this consumer's name within its group (default: random); Redis
+    /// shows it in `XINFO CONSUMERS` and keeps a pending list per name.
     pub fn consumer_name(mut self, name: impl Into<String>) -> Self {
         self.consumer_name = Some(name.into());
         self

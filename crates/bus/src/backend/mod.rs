@@ -10,9 +10,11 @@ use crate::middleware::metrics::Metrics;
 use crate::{BusError, Capabilities, Event, Handler, SubscribeOptions, Subscription};
 
 pub(crate) mod memory;
+pub(crate) mod redis_streams;
 
 pub(crate) enum Backend {
     Memory(memory::Memory),
+    Redis(redis_streams::RedisStreams),
 }
 
 /// Opens the backend named by the URL's scheme.
@@ -27,6 +29,9 @@ pub(crate) async fn open(url: &str) -> Result<Backend, BusError> {
     match scheme {
         "memory" => Ok(Backend::Memory(
             memory::Memory::open(rest).map_err(|r| invalid(&r))?,
+        )),
+        "redis" | "rediss" => Ok(Backend::Redis(
+            redis_streams::RedisStreams::open(url).await?,
         )),
         _ => Err(invalid(
             "unknown scheme (expected memory://, redis://, redis+pubsub:// or nats://)",
@@ -63,6 +68,7 @@ impl Backend {
     pub(crate) fn capabilities(&self) -> Capabilities {
         match self {
             Backend::Memory(_) => memory::CAPABILITIES,
+            Backend::Redis(_) => redis_streams::CAPABILITIES,
         }
     }
 
@@ -72,6 +78,7 @@ impl Backend {
                 b.publish(topic, events);
                 Ok(())
             }
+            Backend::Redis(b) => b.publish(topic, events).await,
         }
     }
 
@@ -90,6 +97,12 @@ impl Backend {
                     consumer, topic, group, handler, opts, metrics,
                 ))
             }
+            Backend::Redis(b) => {
+                let consumer = b.consumer(topic, group, &opts).await?;
+                Ok(crate::driver::spawn(
+                    consumer, topic, group, handler, opts, metrics,
+                ))
+            }
         }
     }
 
@@ -100,6 +113,7 @@ impl Backend {
     ) -> Result<Vec<Result<Event, String>>, BusError> {
         match self {
             Backend::Memory(b) => Ok(b.peek(topic, limit).into_iter().map(Ok).collect()),
+            Backend::Redis(b) => b.peek(topic, limit).await,
         }
     }
 }
