@@ -6,8 +6,10 @@
 //! - `P:status:{service}`: HASH id -> `generation|status|last_check_ms`.
 //! - `P:hb:{service}:{id}`: TTL heartbeat, `SET ... PX ttl`.
 //! - `P:lease:{service}:{id}`: which process runs the instance's check, `SET NX PX`.
-//! - `P:epoch`: present while Redis still holds our data; its absence after a
-//!   reconnect means Redis lost it and every process re-seeds what it knows.
+//! - `P:epoch`: a random value created when the registry first meets an empty
+//!   Redis. A process that finds a different epoch than the one it last saw
+//!   knows Redis lost its data and writes back (`HSETNX`) every instance it knows.
+//!   An instance deregistered within one resync interval of such a loss may come back.
 //! - channel `P:changes`: the name of a service that changed.
 //!
 //! # Consistency
@@ -48,6 +50,7 @@ pub(crate) struct RedisStore {
     prefix: String,
     node: String,
     leases: Mutex<HashMap<(String, String), tokio::time::Instant>>,
+    epoch: Mutex<Option<String>>,
     /// Serialises "read Redis, apply to the mirror" against local writes, so an
     /// older read is never applied over a newer write.
     sync: tokio::sync::Mutex<()>,
@@ -141,6 +144,7 @@ impl RedisStore {
             prefix: opts.redis_prefix.clone(),
             node,
             leases: Mutex::new(HashMap::new()),
+            epoch: Mutex::new(None),
             sync: tokio::sync::Mutex::new(()),
             lease_script: redis::Script::new(
                 r"local v = redis.call('GET', KEYS[1])
@@ -241,8 +245,6 @@ impl RedisStore {
             )
             .ignore()
             .sadd(self.k_services(), service)
-            .ignore()
-            .set_nx(self.k_epoch(), &self.node)
             .ignore();
         if let Some(ttl) = Self::ttl_of(&known.reg) {
             pipe.pset_ex(self.k_hb(service, id), 1, millis_u64(ttl))
@@ -453,8 +455,17 @@ impl RedisStore {
 
     /// Re-reads everything; repairs Redis from the mirror if Redis lost its data.
     pub(crate) async fn resync_all(&self, inner: &Arc<Inner>) -> Result<(), RegistryError> {
-        let fresh: bool = bounded(self.conn().set_nx(self.k_epoch(), &self.node)).await?;
-        if fresh {
+        let candidate = format!("{}-{}", self.node, millis(SystemTime::now()));
+        let created: bool = bounded(self.conn().set_nx(self.k_epoch(), &candidate)).await?;
+        let current: Option<String> = if created {
+            Some(candidate)
+        } else {
+            bounded(self.conn().get(self.k_epoch())).await?
+        };
+        let previous = std::mem::replace(&mut *self.epoch.lock(), current.clone());
+        // A different epoch than the one we saw means Redis lost its data since
+        // (whoever noticed first created a new one); every process restores what it knows.
+        if previous.is_some() && previous != current {
             // Redis is empty (first start, or it restarted without our data): put back what we know.
             let mut restored = 0usize;
             for service in inner.slot_names() {

@@ -1,0 +1,265 @@
+//! The `redis://` store against a real redis-server: a shared view between
+//! registries, check ownership and takeover, Redis restarts and lost notifications.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use switchboard_registry::{
+    CheckSpec, Registration, Registry, RegistryError, RegistryOptions, ServiceView, Status,
+};
+use switchboard_testkit::{Persistence, RedisServer};
+
+fn opts() -> RegistryOptions {
+    RegistryOptions::default().resync_interval(Duration::from_millis(300))
+}
+
+async fn open(url: &str) -> Registry {
+    Registry::open(url, opts()).await.unwrap()
+}
+
+/// Waits until `pred` holds for the service's view; panics with the view after `secs`.
+async fn until(
+    r: &Registry,
+    service: &str,
+    secs: u64,
+    pred: impl Fn(&ServiceView) -> bool,
+) -> Duration {
+    let started = Instant::now();
+    let mut w = r.watch(service);
+    let ok = tokio::time::timeout(Duration::from_secs(secs), async {
+        loop {
+            if pred(&w.load()) {
+                return;
+            }
+            // also poll: some conditions (lease ownership) change without a view change
+            let _ = tokio::time::timeout(Duration::from_millis(20), w.changed()).await;
+        }
+    })
+    .await;
+    assert!(
+        ok.is_ok(),
+        "condition on {service} not met in {secs}s: {:?}",
+        w.load()
+    );
+    started.elapsed()
+}
+
+#[derive(Clone)]
+struct Backend {
+    code: Arc<AtomicU16>,
+    hits: Arc<AtomicUsize>,
+}
+
+async fn backend() -> (Backend, u16) {
+    let b = Backend {
+        code: Arc::new(AtomicU16::new(200)),
+        hits: Arc::new(AtomicUsize::new(0)),
+    };
+    let app = axum::Router::new()
+        .route(
+            "/health",
+            axum::routing::get(|State(b): State<Backend>| async move {
+                b.hits.fetch_add(1, Ordering::SeqCst);
+                StatusCode::from_u16(b.code.load(Ordering::SeqCst)).unwrap()
+            }),
+        )
+        .with_state(b.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (b, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_registries_share_one_view() {
+    let Some(redis) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    let a = open(&redis.url()).await;
+    let b = open(&redis.url()).await;
+    assert_eq!(a.store_kind(), "redis");
+
+    let mut wb = b.watch("users");
+    let t = Instant::now();
+    a.register("users", "u1", Registration::new("127.0.0.1", 4001).tag("x"))
+        .await
+        .unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(2), wb.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_millis(250),
+        "propagation took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(seen.passing[0].tags, ["x"]);
+    assert_eq!(b.services()[0].instances, 1);
+
+    // a heartbeat through B renews a TTL instance registered through A
+    let ttl =
+        Registration::new("127.0.0.1", 4002).check(CheckSpec::ttl(Duration::from_millis(400)));
+    a.register("users", "u2", ttl).await.unwrap();
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        b.heartbeat("users", "u2").await.unwrap();
+    }
+    let st = |v: &ServiceView| v.instances.iter().find(|i| i.id == "u2").map(|i| i.status);
+    assert_eq!(st(&a.view("users").unwrap()), Some(Status::Passing));
+    assert_eq!(st(&b.view("users").unwrap()), Some(Status::Passing));
+    until(&a, "users", 3, |v| st(v) == Some(Status::Critical)).await;
+    until(&b, "users", 3, |v| st(v) == Some(Status::Critical)).await;
+    b.heartbeat("users", "u2").await.unwrap();
+    until(&a, "users", 3, |v| st(v) == Some(Status::Passing)).await;
+
+    // deregistration through B reaches A
+    assert!(b.deregister("users", "u1").await.unwrap());
+    until(&a, "users", 2, |v| v.instances.iter().all(|i| i.id != "u1")).await;
+    assert!(matches!(
+        b.heartbeat("users", "u1").await,
+        Err(RegistryError::NotFound { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_checks_and_another_takes_over_when_it_dies() {
+    let Some(redis) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    let (backend, port) = backend().await;
+    let interval = Duration::from_millis(200);
+    let a = open(&redis.url()).await;
+    let b = open(&redis.url()).await;
+    let check = CheckSpec::http("/health")
+        .interval(interval)
+        .thresholds(1, 1);
+    a.register(
+        "web",
+        "w1",
+        Registration::new("127.0.0.1", port).check(check),
+    )
+    .await
+    .unwrap();
+    until(&b, "web", 5, |v| v.passing.len() == 1).await;
+
+    // exactly one process probes
+    tokio::time::sleep(interval * 2).await;
+    assert_eq!(a.checks_owned() + b.checks_owned(), 1);
+    let before = backend.hits.load(Ordering::SeqCst);
+    tokio::time::sleep(interval * 5).await;
+    let hits = backend.hits.load(Ordering::SeqCst) - before;
+    assert!(
+        (3..=7).contains(&hits),
+        "{hits} checks in 5 intervals: more than one prober?"
+    );
+
+    // kill the owner (drop without releasing its lease, like a crash)
+    let (owner, other) = if a.checks_owned() == 1 {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    drop(owner);
+    let t = Instant::now();
+    let took = until(&other, "web", 5, |_| other.checks_owned() == 1).await;
+    assert!(
+        took <= interval * 2 + Duration::from_millis(150),
+        "takeover took {:?}",
+        t.elapsed()
+    );
+
+    // and the survivor's checks drive the status
+    backend.code.store(500, Ordering::SeqCst);
+    until(&other, "web", 5, |v| v.passing.is_empty()).await;
+    backend.code.store(200, Ordering::SeqCst);
+    until(&other, "web", 5, |v| v.passing.len() == 1).await;
+
+    // a graceful shutdown hands the lease over at once
+    let third = open(&redis.url()).await;
+    other.shutdown().await;
+    let took = until(&third, "web", 5, |_| third.checks_owned() == 1).await;
+    assert!(took <= interval * 2, "handover took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_is_followed_by_a_full_resync() {
+    let Some(mut redis) = RedisServer::start(Persistence::AofAlways) else {
+        return;
+    };
+    let a = open(&redis.url()).await;
+    let b = open(&redis.url()).await;
+    a.register("orders", "o1", Registration::new("127.0.0.1", 5001))
+        .await
+        .unwrap();
+    until(&b, "orders", 2, |v| v.instances.len() == 1).await;
+
+    redis.kill();
+    let err = a
+        .register("orders", "o2", Registration::new("127.0.0.1", 5002))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::Store(_)), "{err}");
+    // readers keep the last view while Redis is away
+    assert_eq!(b.view("orders").unwrap().instances.len(), 1);
+
+    redis.restart();
+    // writes work again once the connection is back, and every process sees them
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match a
+            .register("orders", "o2", Registration::new("127.0.0.1", 5002))
+            .await
+        {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "redis never came back: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    until(&b, "orders", 5, |v| v.instances.len() == 2).await;
+
+    // a change written while B's subscription was down is not lost
+    let mut raw = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HDEL")
+        .arg("switchboard:registry:svc:orders")
+        .arg("o1")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    // no notification was published: the periodic resync repairs it
+    until(&b, "orders", 3, |v| v.instances.len() == 1).await;
+    until(&a, "orders", 3, |v| v.instances.len() == 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_that_lost_its_data_is_restored_from_the_processes() {
+    let Some(mut redis) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    let a = open(&redis.url()).await;
+    a.register("stock", "s1", Registration::new("127.0.0.1", 6001))
+        .await
+        .unwrap();
+    redis.restart(); // empty again
+    let url = redis.url();
+    // A notices on reconnect (or the next resync) and writes back what it knows
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let fresh = open(&url).await;
+        if fresh.view("stock").is_some_and(|v| v.instances.len() == 1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "registry was not restored");
+        drop(fresh);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(a.view("stock").unwrap().instances.len(), 1);
+}

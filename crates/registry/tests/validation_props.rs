@@ -1,0 +1,105 @@
+//! Property tests of the registration body validation: never a panic, always a
+//! clear error that names the field.
+
+use proptest::prelude::*;
+use serde_json::{Value, json};
+use switchboard_registry::{NetworkPolicy, Registration};
+
+fn arb_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| json!(n)),
+        any::<f64>()
+            .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+        ".{0,20}".prop_map(Value::String),
+        prop_oneof![
+            Just("127.0.0.1"),
+            Just("::1"),
+            Just("/health"),
+            Just("2s"),
+            Just("1.2.3"),
+            Just("169.254.0.1"),
+            Just("0.0.0.0"),
+            Just("host.example"),
+            Just("999ms")
+        ]
+        .prop_map(|s| Value::String(s.into())),
+    ];
+    leaf.prop_recursive(3, 24, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::btree_map(
+                prop_oneof![
+                    Just("address".to_owned()),
+                    Just("port".to_owned()),
+                    Just("version".to_owned()),
+                    Just("tags".to_owned()),
+                    Just("metadata".to_owned()),
+                    Just("check".to_owned()),
+                    Just("http".to_owned()),
+                    Just("tcp".to_owned()),
+                    Just("ttl".to_owned()),
+                    Just("interval".to_owned()),
+                    Just("timeout".to_owned()),
+                    "[a-z_]{1,8}",
+                ],
+                inner,
+                0..6
+            )
+            .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+const FIELDS: [&str; 6] = ["address", "port", "version", "tags", "metadata", "check"];
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Any JSON: either a registration that round-trips, or an error naming a field.
+    #[test]
+    fn any_json_is_accepted_or_explained(body in arb_json()) {
+        match Registration::from_json(&body) {
+            Ok(reg) => {
+                prop_assert_eq!(Registration::from_json(&reg.to_json()), Ok(reg.clone()));
+                prop_assert!(reg.port >= 1);
+                let _ = NetworkPolicy::default().check(&reg.address);
+            }
+            Err(e) => {
+                prop_assert!(!e.field.is_empty());
+                prop_assert!(!e.message.is_empty());
+                prop_assert!(e.to_string().contains(&e.field));
+            }
+        }
+    }
+
+    /// Replacing one field of a valid body with anything yields success or an error about that field.
+    #[test]
+    fn a_bad_field_is_the_one_named(which in 0usize..6, value in arb_json()) {
+        let mut body = json!({"address": "127.0.0.1", "port": 4001, "version": "1.0.0",
+            "tags": ["a"], "metadata": {"k": "v"}, "check": {"tcp": true}});
+        let field = FIELDS[which];
+        body[field] = value;
+        if let Err(e) = Registration::from_json(&body) {
+            prop_assert!(e.field == field || e.field.starts_with(&format!("{field}.")) || e.field.starts_with(&format!("{field}[")),
+                "changed {} but error names {}", field, e.field);
+        }
+    }
+
+    /// Arbitrary address strings never panic the network policy.
+    #[test]
+    fn addresses_never_panic(addr in ".{0,80}") {
+        if let Err(e) = NetworkPolicy::default().check(&addr) {
+            prop_assert_eq!(e.field, "address");
+        }
+    }
+
+    /// Raw bytes through the JSON layer: parse errors or validation errors, never a panic.
+    #[test]
+    fn raw_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+        if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
+            let _ = Registration::from_json(&v);
+        }
+    }
+}
