@@ -30,6 +30,11 @@ const ERROR: &str = "deadlettererror";
 const TOPIC: &str = "deadlettertopic";
 const GROUP: &str = "deadlettergroup";
 
+/// The extension a replayed event carries: how many times it was replayed.
+/// Backends with publisher dedupe (NATS `Nats-Msg-Id`) include it in the
+/// dedupe key, so a replay is not mistaken for a duplicate of the original.
+pub const REPLAY: &str = "replay";
+
 /// Why an event was dead-lettered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
@@ -110,6 +115,22 @@ impl DeadLetter {
     }
 }
 
+impl DeadLetter {
+    /// The event to publish to replay this dead letter: the original with
+    /// [`REPLAY`] counting replays. `None` for undecodable entries.
+    pub fn replay_event(&self) -> Option<Result<Event, BuildError>> {
+        let original = match self.original()? {
+            Ok(e) => e,
+            Err(e) => return Some(Err(e)),
+        };
+        let n = original
+            .extension(REPLAY)
+            .and_then(serde_json::Value::as_i64)
+            .unwrap_or(0);
+        Some(original.to_builder().extension(REPLAY, n + 1).build())
+    }
+}
+
 /// The dead letter for `event`.
 pub(crate) fn letter(
     event: &Event,
@@ -177,6 +198,9 @@ mod tests {
         );
         assert_eq!((d.topic.as_str(), d.group.as_str()), ("t", "g"));
         assert_eq!(d.original().unwrap().unwrap(), e);
+        let replay = d.replay_event().unwrap().unwrap();
+        assert_eq!(replay.extension(REPLAY), Some(&serde_json::json!(1)));
+        assert_eq!(replay.id(), e.id());
         assert!(DeadLetter::from_event(&e).is_none());
     }
 

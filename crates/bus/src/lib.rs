@@ -47,6 +47,7 @@
 //! |---|---|---|---|---|---|
 //! | memory | `memory://[NAME]` | no (process lifetime) | yes | yes | yes |
 //! | Redis Streams | `redis://HOST:PORT` | yes (as the server's AOF/RDB) | yes (retention) | yes | yes |
+//! | NATS JetStream | `nats://HOST:PORT` | yes (file storage) | yes (`max_age`) | yes | yes |
 //!
 //! # Layout
 //! - [`event`]: the CloudEvents envelope, builder and validation.

@@ -10,11 +10,13 @@ use crate::middleware::metrics::Metrics;
 use crate::{BusError, Capabilities, Event, Handler, SubscribeOptions, Subscription};
 
 pub(crate) mod memory;
+pub(crate) mod nats;
 pub(crate) mod redis_streams;
 
 pub(crate) enum Backend {
     Memory(memory::Memory),
     Redis(redis_streams::RedisStreams),
+    Nats(Box<nats::Nats>),
 }
 
 /// Opens the backend named by the URL's scheme.
@@ -33,6 +35,7 @@ pub(crate) async fn open(url: &str) -> Result<Backend, BusError> {
         "redis" | "rediss" => Ok(Backend::Redis(
             redis_streams::RedisStreams::open(url).await?,
         )),
+        "nats" | "tls" => Ok(Backend::Nats(Box::new(nats::Nats::open(url).await?))),
         _ => Err(invalid(
             "unknown scheme (expected memory://, redis://, redis+pubsub:// or nats://)",
         )),
@@ -69,6 +72,7 @@ impl Backend {
         match self {
             Backend::Memory(_) => memory::CAPABILITIES,
             Backend::Redis(_) => redis_streams::CAPABILITIES,
+            Backend::Nats(_) => nats::CAPABILITIES,
         }
     }
 
@@ -79,6 +83,7 @@ impl Backend {
                 Ok(())
             }
             Backend::Redis(b) => b.publish(topic, events).await,
+            Backend::Nats(b) => b.publish(topic, events).await,
         }
     }
 
@@ -103,6 +108,12 @@ impl Backend {
                     consumer, topic, group, handler, opts, metrics,
                 ))
             }
+            Backend::Nats(b) => {
+                let consumer = b.consumer(topic, group, &opts).await?;
+                Ok(crate::driver::spawn(
+                    consumer, topic, group, handler, opts, metrics,
+                ))
+            }
         }
     }
 
@@ -114,6 +125,7 @@ impl Backend {
         match self {
             Backend::Memory(b) => Ok(b.peek(topic, limit).into_iter().map(Ok).collect()),
             Backend::Redis(b) => b.peek(topic, limit).await,
+            Backend::Nats(b) => b.peek(topic, limit).await,
         }
     }
 }

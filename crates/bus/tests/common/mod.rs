@@ -415,7 +415,7 @@ pub async fn broker_restart_loses_nothing(f: &mut dyn Fixture) {
         if n == 100 {
             f.kill_broker();
         }
-        if n == 110 {
+        if n == 102 {
             f.start_broker();
         }
         // A publish that failed was not accepted: the producer retries it, as real ones do.
@@ -428,7 +428,7 @@ pub async fn broker_restart_loses_nothing(f: &mut dyn Fixture) {
                 }
                 Err(e) if tokio::time::Instant::now() < deadline && n >= 100 => {
                     assert!(e.is_retryable(), "{e}");
-                    if (100..110).contains(&n) {
+                    if (100..102).contains(&n) {
                         break; // broker down: give up on this one, it was never accepted
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
