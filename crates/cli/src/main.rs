@@ -3,10 +3,14 @@
 //! # Layout
 //! - `main.rs`: argument parsing and dispatch; errors print their chain, one line each.
 //! - `bench.rs`: `switchboard bench ...`, the built-in benchmarks.
+//! - `registry.rs`, `services.rs`: `switchboard registry` (standalone registry server) and
+//!   `switchboard services` (the table of services, instances and health).
 //!
 //! Each subcommand's substance lives in a library crate; the files here only wire it.
 
 mod bench;
+mod registry;
+mod services;
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +27,10 @@ enum Command {
     /// Built-in benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Runs a standalone service registry server.
+    Registry(registry::RegistryArgs),
+    /// Lists services, instances and health as a table.
+    Services(services::ServicesArgs),
 }
 
 fn init_tracing() {
@@ -39,6 +47,8 @@ fn main() -> std::process::ExitCode {
     init_tracing();
     let result = match cli.command {
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Registry(args) => registry::run(args),
+        Command::Services(args) => services::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
