@@ -1,0 +1,210 @@
+//! Body types of the proxy: what goes upstream ([`ReqBody`]) and what goes
+//! back to the client ([`ResBody`]). Both are enums, not boxed trait objects,
+//! so a proxied request allocates no body wrapper.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::proxy::Finish;
+
+/// Errors of our bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The request body was larger than the route allows.
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds {0} bytes")]
+pub struct BodyTooLarge(pub u64);
+
+/// A request body sent upstream.
+#[derive(Debug)]
+pub enum ReqBody {
+    /// No body.
+    Empty,
+    /// A fully buffered body: can be replayed on retry.
+    Full(Option<Bytes>),
+    /// A body too large to buffer: streamed once, never retried.
+    Stream(Box<Streamed>),
+}
+
+/// The state of a streamed request body.
+#[derive(Debug)]
+pub struct Streamed {
+    /// Bytes read while deciding whether to buffer, sent first.
+    pub prefix: Option<Bytes>,
+    /// The rest of the client's body.
+    pub rest: Incoming,
+    /// Bytes seen so far.
+    pub seen: u64,
+    /// The route's body limit.
+    pub limit: u64,
+    /// Set when the limit was exceeded (the proxy then answers 413).
+    pub too_large: Arc<AtomicBool>,
+}
+
+impl ReqBody {
+    /// A replayable copy, if this body can be replayed.
+    pub fn try_clone(&self) -> Option<ReqBody> {
+        match self {
+            ReqBody::Empty => Some(ReqBody::Empty),
+            ReqBody::Full(b) => Some(ReqBody::Full(b.clone())),
+            ReqBody::Stream(_) => None,
+        }
+    }
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ReqBody::Empty => Poll::Ready(None),
+            ReqBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ReqBody::Stream(s) => {
+                if let Some(p) = s.prefix.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(p))));
+                }
+                match Pin::new(&mut s.rest).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(d) = frame.data_ref() {
+                            s.seen += d.len() as u64;
+                            if s.seen > s.limit {
+                                s.too_large.store(true, Ordering::Relaxed);
+                                return Poll::Ready(Some(Err(Box::new(BodyTooLarge(s.limit)))));
+                            }
+                        }
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+                    Poll::Ready(None) => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Empty => true,
+            ReqBody::Full(b) => b.is_none(),
+            ReqBody::Stream(s) => s.prefix.is_none() && s.rest.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Empty => SizeHint::with_exact(0),
+            ReqBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ReqBody::Stream(s) => {
+                let p = s.prefix.as_ref().map_or(0, |b| b.len() as u64);
+                let h = s.rest.size_hint();
+                let mut out = SizeHint::new();
+                out.set_lower(h.lower() + p);
+                if let Some(u) = h.upper() {
+                    out.set_upper(u + p);
+                }
+                out
+            }
+        }
+    }
+}
+
+/// A response body sent to the client: the upstream's, streamed, or one the
+/// gateway made. Dropping it completes the request's bookkeeping (pool
+/// return, metrics, access log) through its [`Finish`].
+#[derive(Debug)]
+pub struct ResBody {
+    inner: Inner,
+    finish: Option<Finish>,
+    complete: bool,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Full(Option<Bytes>),
+    Upstream(Incoming),
+}
+
+impl ResBody {
+    /// A body made by the gateway.
+    pub fn full(b: Bytes) -> Self {
+        Self {
+            inner: Inner::Full(Some(b)),
+            finish: None,
+            complete: false,
+        }
+    }
+
+    /// The upstream's body, streamed.
+    pub fn upstream(b: Incoming) -> Self {
+        Self {
+            inner: Inner::Upstream(b),
+            finish: None,
+            complete: false,
+        }
+    }
+
+    /// Attaches the request's bookkeeping, run when the body ends or drops.
+    pub(crate) fn set_finish(&mut self, finish: Finish) {
+        if self.is_end_stream() {
+            self.complete = true;
+        }
+        self.finish = Some(finish);
+    }
+}
+
+impl Drop for ResBody {
+    fn drop(&mut self) {
+        if let Some(f) = self.finish.take() {
+            f.done(self.complete);
+        }
+    }
+}
+
+impl Body for ResBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let r = match &mut this.inner {
+            Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Upstream(b) => match Pin::new(b).poll_frame(cx) {
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e) as BoxError))),
+                Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+        };
+        if matches!(r, Poll::Ready(None)) || this.is_end_stream() {
+            this.complete = true;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Full(b) => b.is_none(),
+            Inner::Upstream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Inner::Upstream(b) => b.size_hint(),
+        }
+    }
+}

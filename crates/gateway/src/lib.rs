@@ -1,0 +1,304 @@
+//! Switchboard's API gateway: a reverse proxy that finds its upstreams through
+//! discovery, balances over passing instances, ejects failing ones with
+//! per-instance circuit breakers, retries only where safe, and measures
+//! everything — at a per-request cost close to a bare hyper proxy.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use switchboard_gateway::{Config, GatewayBuilder, discovery};
+//!
+//! let config = Config::load("gateway.toml".as_ref())?;
+//! let sources = discovery::static_sources(&config); // or the registry's
+//! let running = GatewayBuilder::new(config).sources(sources.receivers()).start().await?;
+//! println!("proxy on {}, admin on {}", running.listen(), running.admin());
+//! running.shutdown().await; // stop accepting, drain, return
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - [`config`]: TOML config, validation with file/line/column/key errors, defaults.
+//! - [`route`]: the route table (longest prefix, method, host) and rewrites.
+//! - [`proxy`]: the request path as named phases (after pingora's `ProxyHttp`).
+//! - [`upstream`]: discovery snapshots (arc-swap) and the P2C / round-robin balancer.
+//! - [`breaker`]: per-instance breakers from `switchboard-resilience`.
+//! - [`retry`]: idempotency, jittered backoff, retry budget.
+//! - [`pool`]: per-worker pools of upstream HTTP/1.1 connections.
+//! - [`correlation`], [`headers`]: request id, traceparent, forwarding headers.
+//! - [`problem`]: RFC 9457 problem+json errors.
+//! - [`body`]: request and response body types (no boxing).
+//! - [`metrics`], [`access_log`]: atomics-based Prometheus metrics; off-thread access log.
+//! - [`server`]: worker threads, `SO_REUSEPORT` listeners, graceful shutdown.
+//! - [`admin`]: `/health`, `/ready`, `/metrics`, `/v1/routes`, `/v1/breakers`, `/openapi.json`.
+//! - [`discovery`]: instance sources: static lists and the registry.
+//!
+//! # Configuration defaults
+//!
+//! | key | default | meaning |
+//! |---|---|---|
+//! | `gateway.listen` | `127.0.0.1:3000` | proxy listener |
+//! | `gateway.admin` | `127.0.0.1:9900` | admin listener |
+//! | `gateway.workers` | `0` (one per core) | proxy worker threads |
+//! | `gateway.header_read_timeout` | `10s` | a client must send its header block within this (also the idle keep-alive limit) |
+//! | `gateway.max_header_bytes` | `16384` | larger header blocks get 431 |
+//! | `gateway.max_headers` | `100` | more headers get 431 |
+//! | `gateway.drain_timeout` | `30s` | shutdown waits this long for in-flight requests |
+//! | `gateway.access_log` | `true` | one JSON line per request on stdout |
+//! | `gateway.connect_timeout` | `1s` | default upstream connect timeout |
+//! | `gateway.pool_idle_timeout` | `60s` | idle upstream connections older than this are closed |
+//! | `gateway.pool_max_idle` | `256` | idle upstream connections kept per instance and worker |
+//! | `registry.store` | `memory://` | `memory://` or `redis://HOST:PORT` |
+//! | `registry.token` | none | bearer token for registry writes (required off loopback) |
+//! | `services[].instances` | `[]` | static `IP:PORT`s, registered in the registry |
+//! | `services[].health` | none (always passing) | `path` `/health`, `interval` `2s`, `timeout` `1s`, `healthy_threshold` `2`, `unhealthy_threshold` `3` |
+//! | `routes[].prefix`, `routes[].service` | required | |
+//! | `routes[].methods`, `routes[].host` | any | narrow the match |
+//! | `routes[].strip_prefix` / `rewrite` | `false` / none | drop or replace the prefix upstream |
+//! | `routes[].timeout` | `30s` | total, all attempts |
+//! | `routes[].attempt_timeout` | = `timeout` | one attempt |
+//! | `routes[].connect_timeout` | `gateway.connect_timeout` | |
+//! | `routes[].retry` | `attempts = 3`, `budget_percent = 20`, `min_per_second = 10`, `backoff = "10ms"`, `max_backoff = "200ms"` | |
+//! | `routes[].breaker` | `failure_rate = 0.5`, `min_calls = 20`, `window = "10s"`, `open_for = "5s"` | per instance |
+//! | `routes[].balance` | `p2c` | or `round_robin` |
+//! | `routes[].max_body_bytes` | `10485760` | larger bodies get 413 |
+//! | `routes[].retry_buffer_bytes` | `65536` | bodies up to this are buffered and replayable |
+
+pub mod access_log;
+pub mod admin;
+pub mod body;
+pub mod breaker;
+pub mod config;
+pub mod correlation;
+pub mod discovery;
+pub mod headers;
+pub mod metrics;
+pub mod pool;
+pub mod problem;
+pub mod proxy;
+pub mod retry;
+pub mod route;
+pub mod server;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+use tokio::sync::watch;
+
+pub use crate::breaker::{BreakerEvent, OnChange};
+pub use crate::config::{Config, ConfigError, ConfigErrors, LoadError};
+pub use crate::proxy::Gateway;
+pub use crate::upstream::{Instance, InstanceList, InstanceStatus};
+
+use crate::access_log::AccessLog;
+use crate::metrics::{Metrics, RouteLabels};
+use crate::pool::PoolConfig;
+use crate::proxy::RouteState;
+use crate::retry::Budget;
+use crate::route::RouteTable;
+use crate::upstream::RouteUpstreams;
+
+/// Called on breaker transitions with the service name (passive health).
+pub type BreakerListener = Arc<dyn Fn(&str, BreakerEvent) + Send + Sync>;
+
+/// Assembles a gateway from a [`Config`] and its instance sources.
+pub struct GatewayBuilder {
+    config: Config,
+    sources: HashMap<String, watch::Receiver<InstanceList>>,
+    access_dispatch: Option<tracing::Dispatch>,
+    on_breaker: Option<BreakerListener>,
+    admin_extra: Option<axum::Router>,
+    openapi_extra: serde_json::Value,
+}
+
+impl std::fmt::Debug for GatewayBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayBuilder")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GatewayBuilder {
+    /// A builder for `config`; add sources before [`start`](Self::start).
+    pub fn new(config: Config) -> Self {
+        Self {
+            config,
+            sources: HashMap::new(),
+            access_dispatch: None,
+            on_breaker: None,
+            admin_extra: None,
+            openapi_extra: serde_json::Value::Null,
+        }
+    }
+
+    /// Instance sources by service name (a route's service without a source
+    /// has no instances and answers 503).
+    pub fn sources(mut self, sources: HashMap<String, watch::Receiver<InstanceList>>) -> Self {
+        self.sources.extend(sources);
+        self
+    }
+
+    /// Sends access-log events to this dispatcher instead of JSON on stdout.
+    pub fn access_log_dispatch(mut self, dispatch: tracing::Dispatch) -> Self {
+        self.access_dispatch = Some(dispatch);
+        self
+    }
+
+    /// Hears every breaker transition (used to report passive health).
+    pub fn on_breaker_change(mut self, f: BreakerListener) -> Self {
+        self.on_breaker = Some(f);
+        self
+    }
+
+    /// Merges `router` (e.g. the registry API) into the admin listener, and
+    /// `openapi` (a document with `paths`/`components`) into `/openapi.json`.
+    pub fn admin_extra(mut self, router: axum::Router, openapi: serde_json::Value) -> Self {
+        self.admin_extra = Some(router);
+        self.openapi_extra = openapi;
+        self
+    }
+
+    /// Binds the listeners and starts serving. Discovery followers and the
+    /// admin server run on the calling tokio runtime; the proxy has its own
+    /// worker threads.
+    pub async fn start(self) -> io::Result<RunningGateway> {
+        let cfg = self.config;
+        let labels: Vec<RouteLabels> = cfg
+            .routes
+            .iter()
+            .map(|r| RouteLabels {
+                route: r.prefix.clone(),
+                service: r.service.clone(),
+            })
+            .collect();
+        let access = if cfg.gateway.access_log {
+            AccessLog::spawn(labels.clone(), self.access_dispatch)?
+        } else {
+            AccessLog::disabled()
+        };
+        let states: Vec<RouteState> = cfg
+            .routes
+            .iter()
+            .map(|r| RouteState {
+                upstreams: Arc::new(RouteUpstreams::new(r.balance, r.breaker.clone())),
+                budget: Budget::new(r.retry.budget_percent, r.retry.min_per_second),
+            })
+            .collect();
+        for (r, st) in cfg.routes.iter().zip(&states) {
+            let service = r.service.clone();
+            let listener = self.on_breaker.clone();
+            let on_change: OnChange = Arc::new(move |ev: BreakerEvent| {
+                tracing::info!(service = %service, instance = %ev.instance, address = %ev.addr, state = ev.state.as_str(), "breaker state changed");
+                if let Some(l) = &listener {
+                    l(&service, ev);
+                }
+            });
+            match self.sources.get(&r.service) {
+                Some(rx) => {
+                    let rx = rx.clone();
+                    // Publish the first snapshot before serving.
+                    st.upstreams.update(&rx.borrow(), &on_change);
+                    tokio::spawn(upstream::follow(Arc::clone(&st.upstreams), rx, on_change));
+                }
+                None => tracing::warn!(service = %r.service, "no instance source for service"),
+            }
+        }
+        let gw: &'static Gateway = Box::leak(Box::new(Gateway {
+            routes: RouteTable::new(cfg.routes.clone()),
+            states,
+            metrics: Metrics::new(labels),
+            access,
+            pool: PoolConfig {
+                idle_timeout: cfg.gateway.pool_idle_timeout,
+                max_idle: cfg.gateway.pool_max_idle,
+            },
+        }));
+
+        let workers = if cfg.gateway.workers == 0 {
+            std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
+        } else {
+            cfg.gateway.workers
+        };
+        let listeners = server::bind_reuseport(cfg.gateway.listen, workers)?;
+        let listen = listeners[0].local_addr()?;
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let threads = server::spawn_workers(gw, listeners, &cfg.gateway, &shutdown_rx)?;
+
+        let ready = Arc::new(AtomicBool::new(true));
+        let mut app = admin::router(admin::AdminState {
+            gw,
+            ready: Arc::clone(&ready),
+            openapi_extra: Arc::new(self.openapi_extra),
+        });
+        if let Some(extra) = self.admin_extra {
+            app = app.merge(extra);
+        }
+        let admin_listener = tokio::net::TcpListener::bind(cfg.gateway.admin).await?;
+        let admin_addr = admin_listener.local_addr()?;
+        let mut admin_shutdown = shutdown_rx.clone();
+        let admin_task = tokio::spawn(async move {
+            let _ = axum::serve(admin_listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = admin_shutdown.wait_for(|v| *v).await;
+                })
+                .await;
+        });
+        tracing::info!(%listen, admin = %admin_addr, workers, "gateway listening");
+        Ok(RunningGateway {
+            gw,
+            listen,
+            admin: admin_addr,
+            ready,
+            shutdown: shutdown_tx,
+            threads,
+            admin_task,
+        })
+    }
+}
+
+/// A started gateway.
+#[derive(Debug)]
+pub struct RunningGateway {
+    gw: &'static Gateway,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    ready: Arc<AtomicBool>,
+    shutdown: watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    admin_task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningGateway {
+    /// The proxy's bound address.
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// The admin listener's bound address.
+    pub fn admin(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// The engine (for metrics rendering and inspection).
+    pub fn gateway(&self) -> &'static Gateway {
+        self.gw
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to the drain
+    /// deadline), and returns once every worker has stopped.
+    pub async fn shutdown(self) {
+        self.ready.store(false, Relaxed);
+        let _ = self.shutdown.send(true);
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+        let _ = self.admin_task.await;
+    }
+}

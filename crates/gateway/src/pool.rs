@@ -1,0 +1,145 @@
+//! Upstream HTTP/1.1 connections, pooled per worker thread.
+//!
+//! Each worker thread keeps its own idle list per upstream address in a
+//! thread-local map, so checking a connection out or in takes no lock and
+//! touches no shared cache line. A connection goes back to the pool only once
+//! its response body has been read to the end (see `ResBody`), so every pooled
+//! connection is idle or about to be.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use hyper::client::conn::http1::{Builder, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::body::ReqBody;
+
+/// A connection to an upstream.
+pub type Conn = SendRequest<ReqBody>;
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// FxHash-style hasher: addresses are not attacker-chosen.
+#[derive(Default)]
+struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+    fn write_u16(&mut self, n: u16) {
+        self.0 = (self.0.rotate_left(5) ^ u64::from(n)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (self.0.rotate_left(5) ^ u64::from(n)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+type Map = HashMap<SocketAddr, Vec<Idle>, BuildHasherDefault<AddrHasher>>;
+
+thread_local! {
+    static IDLE: RefCell<Map> = RefCell::new(Map::default());
+}
+
+/// Why no connection could be had. Nothing was sent in either case.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// TCP connect or the HTTP handshake failed.
+    #[error("connect to {addr} failed: {source}")]
+    Io {
+        /// The upstream.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Connecting took longer than the connect timeout.
+    #[error("connect to {0} timed out")]
+    Timeout(SocketAddr),
+}
+
+/// Pool settings.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Idle connections older than this are closed instead of reused.
+    pub idle_timeout: Duration,
+    /// Most idle connections kept per address and worker.
+    pub max_idle: usize,
+}
+
+/// Takes an idle connection to `addr`, if one is usable.
+pub fn take_idle(addr: SocketAddr, cfg: &PoolConfig) -> Option<Conn> {
+    IDLE.with(|m| {
+        let mut m = m.borrow_mut();
+        let list = m.get_mut(&addr)?;
+        while let Some(idle) = list.pop() {
+            if idle.conn.is_closed() || idle.since.elapsed() > cfg.idle_timeout {
+                continue;
+            }
+            return Some(idle.conn);
+        }
+        None
+    })
+}
+
+/// Returns a connection whose last response was read to the end.
+pub fn put_idle(addr: SocketAddr, conn: Conn, cfg: &PoolConfig) {
+    if conn.is_closed() {
+        return;
+    }
+    IDLE.with(|m| {
+        let mut m = m.borrow_mut();
+        let list = m.entry(addr).or_default();
+        if list.len() < cfg.max_idle {
+            list.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    });
+}
+
+/// Drops this worker's expired and closed idle connections (run periodically).
+pub fn sweep(cfg: &PoolConfig) {
+    IDLE.with(|m| {
+        let mut m = m.borrow_mut();
+        m.retain(|_, list| {
+            list.retain(|i| !i.conn.is_closed() && i.since.elapsed() <= cfg.idle_timeout);
+            !list.is_empty()
+        });
+    });
+}
+
+/// Opens a new connection and spawns its driver task.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, ConnectError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => return Err(ConnectError::Io { addr, source }),
+        Err(_) => return Err(ConnectError::Timeout(addr)),
+    };
+    let _ = stream.set_nodelay(true);
+    let (conn, driver) = Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ConnectError::Io {
+            addr,
+            source: std::io::Error::other(e),
+        })?;
+    tokio::spawn(async move {
+        if let Err(e) = driver.await {
+            tracing::debug!(upstream = %addr, error = %e, "upstream connection ended");
+        }
+    });
+    Ok(conn)
+}

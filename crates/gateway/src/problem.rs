@@ -1,0 +1,101 @@
+//! RFC 9457 problem+json responses: every gateway error becomes one of these
+//! and never reaches hyper as an error.
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+
+use crate::body::ResBody;
+use crate::headers::X_REQUEST_ID;
+
+/// What went wrong, as the client sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Problem {
+    /// 400: the request's framing is ambiguous or invalid.
+    BadRequest,
+    /// 404: no route matches.
+    NoRoute,
+    /// 413: the body exceeds the route's limit.
+    PayloadTooLarge,
+    /// 502: the upstream failed (connection refused or reset, bad response).
+    BadGateway,
+    /// 503: no passing instance.
+    NoHealthyInstance,
+    /// 503 + Retry-After: every instance's breaker is open.
+    BreakerOpen,
+    /// 504: the upstream did not answer in time.
+    GatewayTimeout,
+}
+
+impl Problem {
+    /// The HTTP status.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Problem::BadRequest => StatusCode::BAD_REQUEST,
+            Problem::NoRoute => StatusCode::NOT_FOUND,
+            Problem::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Problem::BadGateway => StatusCode::BAD_GATEWAY,
+            Problem::NoHealthyInstance | Problem::BreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
+            Problem::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The `type` URI (a stable, relative identifier).
+    pub fn type_uri(self) -> &'static str {
+        match self {
+            Problem::BadRequest => "/problems/bad-request",
+            Problem::NoRoute => "/problems/no-route",
+            Problem::PayloadTooLarge => "/problems/payload-too-large",
+            Problem::BadGateway => "/problems/bad-gateway",
+            Problem::NoHealthyInstance => "/problems/no-healthy-instance",
+            Problem::BreakerOpen => "/problems/breaker-open",
+            Problem::GatewayTimeout => "/problems/gateway-timeout",
+        }
+    }
+
+    /// The short human `title`.
+    pub fn title(self) -> &'static str {
+        match self {
+            Problem::BadRequest => "Bad request",
+            Problem::NoRoute => "No route",
+            Problem::PayloadTooLarge => "Payload too large",
+            Problem::BadGateway => "Bad gateway",
+            Problem::NoHealthyInstance => "No healthy instance",
+            Problem::BreakerOpen => "Circuit breaker open",
+            Problem::GatewayTimeout => "Gateway timeout",
+        }
+    }
+}
+
+/// Builds the problem+json response. `retry_after` (seconds) adds the header.
+pub fn response(
+    problem: Problem,
+    detail: &str,
+    request_id: &HeaderValue,
+    retry_after: Option<u64>,
+) -> Response<ResBody> {
+    let body = serde_json::json!({
+        "type": problem.type_uri(),
+        "title": problem.title(),
+        "status": problem.status().as_u16(),
+        "detail": detail,
+        "request_id": request_id.to_str().unwrap_or(""),
+    });
+    let bytes = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+    let mut res = Response::new(ResBody::full(bytes));
+    *res.status_mut() = problem.status();
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    h.insert(X_REQUEST_ID.clone(), request_id.clone());
+    if let Some(secs) = retry_after {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
+    if problem == Problem::BadRequest {
+        // The framing is untrustworthy: the rest of the stream cannot be parsed.
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    res
+}

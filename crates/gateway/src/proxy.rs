@@ -1,0 +1,604 @@
+//! The request path, as named phases read top to bottom (after pingora's
+//! `ProxyHttp`):
+//!
+//! 1. [`Gateway::request_filter`]: framing check, request id, body limit.
+//! 2. route lookup (longest prefix, method, host) — 404 when none.
+//! 3. `read_body`: buffer a small body so a retry can replay it.
+//! 4. [`upstream_request_filter`]: hop-by-hop removal, `x-forwarded-*`,
+//!    `x-request-id`, `traceparent`, prefix rewrite.
+//! 5. the attempt loop: `upstream_peer` (balancer + breaker), connect or reuse
+//!    a pooled connection, send with per-attempt and total deadlines, classify
+//!    the outcome, feed the breaker, and retry where safe within the budget.
+//! 6. `response_filter`: hop-by-hop removal, echo `x-request-id`.
+//! 7. logging: when the response body ends (or the client leaves), [`Finish`]
+//!    returns the connection to the pool and records metrics and the access log.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body::Body as _;
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use tokio::time::{sleep_until, timeout_at};
+
+use crate::access_log::{AccessLog, AccessRecord};
+use crate::body::{ReqBody, ResBody, Streamed};
+use crate::config::RouteConfig;
+use crate::correlation;
+use crate::headers::{
+    IDEMPOTENCY_KEY, TRACEPARENT, TRACESTATE, X_REQUEST_ID, set_forwarded, strip_hop_by_hop,
+};
+use crate::metrics::{AttemptOutcome, Metrics};
+use crate::pool::{self, Conn, PoolConfig};
+use crate::problem::{self, Problem};
+use crate::retry::{Budget, backoff, is_idempotent};
+use crate::route::{RouteTable, rewrite};
+use crate::upstream::{Pick, RouteUpstreams, Upstream};
+
+/// Per-route runtime state.
+#[derive(Debug)]
+pub struct RouteState {
+    /// The route's live instances.
+    pub upstreams: Arc<RouteUpstreams>,
+    /// The route's retry budget.
+    pub budget: Budget,
+}
+
+/// The engine: everything the request path reads. Built once and leaked to
+/// `'static` so requests reference it without touching a reference count.
+#[derive(Debug)]
+pub struct Gateway {
+    pub(crate) routes: RouteTable,
+    pub(crate) states: Vec<RouteState>,
+    pub(crate) metrics: Metrics,
+    pub(crate) access: AccessLog,
+    pub(crate) pool: PoolConfig,
+}
+
+/// Request bookkeeping completed when the response body ends or is dropped.
+#[derive(Debug)]
+pub(crate) struct Finish {
+    gw: &'static Gateway,
+    start: Instant,
+    route: Option<usize>,
+    request_id: HeaderValue,
+    method: Method,
+    status: u16,
+    attempts: u32,
+    upstream: Option<Arc<Upstream>>,
+    conn: Option<Conn>,
+}
+
+impl Finish {
+    pub(crate) fn done(self, complete: bool) {
+        let duration = self.start.elapsed();
+        if let Some(u) = &self.upstream {
+            u.outstanding.fetch_sub(1, Relaxed);
+            if complete && let Some(c) = self.conn {
+                pool::put_idle(u.addr, c, &self.gw.pool);
+            }
+        }
+        self.gw.metrics.request(self.route, self.status, duration);
+        self.gw.access.log(AccessRecord {
+            request_id: self.request_id,
+            method: self.method,
+            route: self.route,
+            instance: self.upstream.as_ref().map(|u| u.addr),
+            status: self.status,
+            duration,
+            attempts: self.attempts,
+            complete,
+        });
+    }
+}
+
+/// Per-connection facts the request path needs.
+#[derive(Debug, Default)]
+pub struct ConnInfo {
+    /// Set by the connection's reader when the current request head carried
+    /// both `Content-Length` and `Transfer-Encoding` (hyper normalises this
+    /// silently; we refuse it).
+    pub framing_conflict: AtomicBool,
+}
+
+/// Up to 8 instances already tried by one request, without allocating.
+struct Tried {
+    addrs: [SocketAddr; 8],
+    len: usize,
+}
+
+impl Tried {
+    fn new() -> Self {
+        Self {
+            addrs: [SocketAddr::from(([0, 0, 0, 0], 0)); 8],
+            len: 0,
+        }
+    }
+    fn push(&mut self, a: SocketAddr) {
+        if self.len < self.addrs.len() {
+            self.addrs[self.len] = a;
+            self.len += 1;
+        }
+    }
+    fn as_slice(&self) -> &[SocketAddr] {
+        &self.addrs[..self.len]
+    }
+}
+
+enum BodyError {
+    TooLarge,
+    Client,
+    Timeout,
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// Reads a body up to `buffer` bytes so it can be replayed; beyond that it is
+/// streamed (prefix first) and never retried.
+async fn read_body(
+    mut body: Incoming,
+    cfg: &RouteConfig,
+    deadline: tokio::time::Instant,
+) -> Result<ReqBody, BodyError> {
+    if body.is_end_stream() {
+        return Ok(ReqBody::Empty);
+    }
+    let hint = body.size_hint();
+    let stream = |prefix: Option<Bytes>, rest: Incoming, seen: u64| {
+        ReqBody::Stream(Box::new(Streamed {
+            prefix,
+            rest,
+            seen,
+            limit: cfg.max_body_bytes,
+            too_large: Arc::new(AtomicBool::new(false)),
+        }))
+    };
+    if hint.lower() > cfg.retry_buffer_bytes {
+        return Ok(stream(None, body, 0));
+    }
+    let mut buf = BytesMut::new();
+    loop {
+        let frame = match timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(BodyError::Timeout),
+            Ok(None) => return Ok(ReqBody::Full(Some(buf.freeze()))),
+            Ok(Some(Err(_))) => return Err(BodyError::Client),
+            Ok(Some(Ok(f))) => f,
+        };
+        if let Ok(data) = frame.into_data() {
+            if buf.is_empty() && body.is_end_stream() {
+                if data.len() as u64 > cfg.max_body_bytes {
+                    return Err(BodyError::TooLarge);
+                }
+                return Ok(ReqBody::Full(Some(data)));
+            }
+            buf.extend_from_slice(&data);
+            if buf.len() as u64 > cfg.max_body_bytes {
+                return Err(BodyError::TooLarge);
+            }
+            if buf.len() as u64 > cfg.retry_buffer_bytes {
+                let seen = buf.len() as u64;
+                return Ok(stream(Some(buf.freeze()), body, seen));
+            }
+        }
+    }
+}
+
+/// Phase 4: the request as the upstream will see it (headers and URI).
+fn upstream_request_filter(
+    headers: &mut HeaderMap,
+    uri: &mut Uri,
+    cfg: &RouteConfig,
+    request_id: &HeaderValue,
+    client: SocketAddr,
+) {
+    let host = headers.get(header::HOST).cloned();
+    strip_hop_by_hop(headers);
+    let (tp, continued) = correlation::next_traceparent(headers.get(&TRACEPARENT));
+    headers.insert(TRACEPARENT.clone(), tp);
+    if !continued {
+        headers.remove(&TRACESTATE);
+    }
+    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+    set_forwarded(headers, client.ip(), host);
+    if let Some(rw) = &cfg.rewrite {
+        *uri = rewrite(uri, &cfg.prefix, rw);
+    } else if uri.scheme().is_some() || uri.authority().is_some() {
+        // Absolute-form from the client: the upstream gets origin-form.
+        *uri = uri
+            .path_and_query()
+            .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+    }
+}
+
+/// Phase 6: the response as the client will see it.
+fn response_filter(headers: &mut HeaderMap, request_id: &HeaderValue) {
+    strip_hop_by_hop(headers);
+    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+}
+
+enum Failure {
+    /// Nothing was sent.
+    Connect,
+    /// Sent (or maybe sent), then the connection broke.
+    Reset,
+    /// No response head in time.
+    Timeout,
+}
+
+impl Gateway {
+    fn finish(
+        &'static self,
+        start: Instant,
+        route: Option<usize>,
+        request_id: HeaderValue,
+        method: Method,
+    ) -> Finish {
+        Finish {
+            gw: self,
+            start,
+            route,
+            request_id,
+            method,
+            status: 0,
+            attempts: 0,
+            upstream: None,
+            conn: None,
+        }
+    }
+
+    fn problem(
+        &'static self,
+        mut fin: Finish,
+        p: Problem,
+        detail: &str,
+        retry_after: Option<Duration>,
+    ) -> Response<ResBody> {
+        let secs = retry_after.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0));
+        let mut res = problem::response(p, detail, &fin.request_id, secs);
+        fin.status = res.status().as_u16();
+        res.body_mut().set_finish(fin);
+        res
+    }
+
+    /// Phase 1: returns the request id, or an early answer.
+    fn request_filter(
+        &'static self,
+        headers: &HeaderMap,
+        conn: &ConnInfo,
+    ) -> (HeaderValue, Option<Problem>) {
+        let request_id = correlation::request_id(headers.get(&X_REQUEST_ID));
+        if conn.framing_conflict.swap(false, Relaxed) {
+            return (request_id, Some(Problem::BadRequest));
+        }
+        (request_id, None)
+    }
+
+    /// Serves one request. Never fails: every error is a problem+json response.
+    pub async fn handle(
+        &'static self,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        conn: &ConnInfo,
+    ) -> Response<ResBody> {
+        let start = Instant::now();
+        let (mut parts, body) = req.into_parts();
+        let (request_id, early) = self.request_filter(&parts.headers, conn);
+        let method = parts.method.clone();
+        if let Some(p) = early {
+            let fin = self.finish(start, None, request_id, method);
+            return self.problem(
+                fin,
+                p,
+                "conflicting Content-Length and Transfer-Encoding",
+                None,
+            );
+        }
+
+        // Phase 2: route. The Host header only narrows among configured routes.
+        let host = parts.headers.get(header::HOST).map(HeaderValue::as_bytes);
+        let Some(route) = self.routes.find(&parts.method, host, parts.uri.path()) else {
+            let fin = self.finish(start, None, request_id, method);
+            return self.problem(fin, Problem::NoRoute, "no route matches this request", None);
+        };
+        let cfg = &route.config;
+        let state = &self.states[route.index];
+        let mut fin = self.finish(start, Some(route.index), request_id, method);
+        if content_length(&parts.headers).is_some_and(|n| n > cfg.max_body_bytes) {
+            let detail = format!("request body exceeds {} bytes", cfg.max_body_bytes);
+            return self.problem(fin, Problem::PayloadTooLarge, &detail, None);
+        }
+        let deadline = tokio::time::Instant::from_std(start + cfg.timeout);
+
+        // Phase 3: body.
+        let body = match read_body(body, cfg, deadline).await {
+            Ok(b) => b,
+            Err(BodyError::TooLarge) => {
+                let detail = format!("request body exceeds {} bytes", cfg.max_body_bytes);
+                return self.problem(fin, Problem::PayloadTooLarge, &detail, None);
+            }
+            Err(BodyError::Client) => {
+                return self.problem(
+                    fin,
+                    Problem::BadRequest,
+                    "the request body could not be read",
+                    None,
+                );
+            }
+            Err(BodyError::Timeout) => {
+                return self.problem(
+                    fin,
+                    Problem::GatewayTimeout,
+                    "the request body did not arrive in time",
+                    None,
+                );
+            }
+        };
+
+        let too_large = match &body {
+            ReqBody::Stream(s) => Some(Arc::clone(&s.too_large)),
+            _ => None,
+        };
+
+        // Phase 4.
+        upstream_request_filter(
+            &mut parts.headers,
+            &mut parts.uri,
+            cfg,
+            &fin.request_id,
+            client,
+        );
+
+        // Phase 5: attempts.
+        let retry_after_send =
+            is_idempotent(&parts.method) || parts.headers.contains_key(&IDEMPOTENCY_KEY);
+        let max_attempts = cfg.retry.attempts.max(1);
+        state.budget.deposit();
+        let mut tried = Tried::new();
+        let mut body = Some(body);
+        let mut last: Option<(Problem, String)> = None;
+        let mut pending_response: Option<Response<Incoming>> = None;
+        loop {
+            fin.attempts += 1;
+            let attempt = fin.attempts;
+            let upstream = match state.upstreams.pick(tried.as_slice()) {
+                Pick::Instance(u, permit) => (u, permit),
+                Pick::NoneHealthy => {
+                    if let Some(res) = pending_response.take() {
+                        fin.attempts -= 1;
+                        return self.respond(fin, res);
+                    }
+                    fin.attempts -= 1;
+                    let (p, d) = last.unwrap_or_else(|| {
+                        (
+                            Problem::NoHealthyInstance,
+                            format!("no healthy instance of service `{}`", cfg.service),
+                        )
+                    });
+                    return self.problem(fin, p, &d, None);
+                }
+                Pick::AllOpen(after) => {
+                    if let Some(res) = pending_response.take() {
+                        fin.attempts -= 1;
+                        return self.respond(fin, res);
+                    }
+                    fin.attempts -= 1;
+                    if let Some((p, d)) = last {
+                        return self.problem(fin, p, &d, None);
+                    }
+                    let d = format!(
+                        "every instance of service `{}` is ejected by its circuit breaker",
+                        cfg.service
+                    );
+                    return self.problem(fin, Problem::BreakerOpen, &d, Some(after));
+                }
+            };
+            let (u, permit) = upstream;
+            tried.push(u.addr);
+            pending_response = None;
+            let more_after = attempt < max_attempts;
+            let replayable = body.as_ref().is_some_and(|b| b.try_clone().is_some());
+            let attempt_deadline = deadline.min(tokio::time::Instant::now() + cfg.attempt_timeout);
+            u.outstanding.fetch_add(1, Relaxed);
+
+            // Connect (or reuse). Nothing is sent before this succeeds.
+            let conn = match pool::take_idle(u.addr, &self.pool) {
+                Some(c) => Ok(c),
+                None => {
+                    match timeout_at(attempt_deadline, pool::connect(u.addr, cfg.connect_timeout))
+                        .await
+                    {
+                        Ok(r) => r.map_err(|_| Failure::Connect),
+                        Err(_) => Err(Failure::Connect),
+                    }
+                }
+            };
+            let result = match conn {
+                Err(f) => Err(f),
+                Ok(mut conn) => {
+                    let keep_for_retry = more_after && retry_after_send && replayable;
+                    let b = if keep_for_retry {
+                        body.as_ref().and_then(ReqBody::try_clone)
+                    } else {
+                        body.take()
+                    };
+                    let mut req = Request::new(b.unwrap_or(ReqBody::Empty));
+                    *req.method_mut() = parts.method.clone();
+                    *req.uri_mut() = parts.uri.clone();
+                    *req.headers_mut() = if keep_for_retry {
+                        parts.headers.clone()
+                    } else {
+                        std::mem::take(&mut parts.headers)
+                    };
+                    req.headers_mut().insert(header::HOST, u.host.clone());
+                    self.send(&mut conn, req, u.addr, cfg, attempt_deadline)
+                        .await
+                        .map(|r| (r, conn))
+                }
+            };
+            match result {
+                Ok((res, conn)) => {
+                    let status = res.status();
+                    let server_error = status.is_server_error();
+                    permit.record(!server_error);
+                    self.metrics.attempt(
+                        route.index,
+                        if server_error {
+                            AttemptOutcome::ServerError
+                        } else {
+                            AttemptOutcome::Ok
+                        },
+                    );
+                    let retryable = matches!(
+                        status,
+                        StatusCode::BAD_GATEWAY
+                            | StatusCode::SERVICE_UNAVAILABLE
+                            | StatusCode::GATEWAY_TIMEOUT
+                    );
+                    if retryable
+                        && retry_after_send
+                        && more_after
+                        && body.is_some()
+                        && self
+                            .may_retry(route.index, state, attempt, cfg, deadline, false)
+                            .await
+                    {
+                        u.outstanding.fetch_sub(1, Relaxed);
+                        // Kept in case no other instance can be tried.
+                        pending_response = Some(res);
+                        drop(conn);
+                        continue;
+                    }
+                    fin.upstream = Some(u);
+                    fin.conn = Some(conn);
+                    return self.respond(fin, res);
+                }
+                Err(failure) => {
+                    u.outstanding.fetch_sub(1, Relaxed);
+                    permit.record(false);
+                    let (outcome, p, detail) = match failure {
+                        Failure::Connect => (
+                            AttemptOutcome::ConnectError,
+                            Problem::BadGateway,
+                            format!(
+                                "could not connect to an instance of service `{}`",
+                                cfg.service
+                            ),
+                        ),
+                        Failure::Reset => (
+                            AttemptOutcome::Reset,
+                            Problem::BadGateway,
+                            format!("an instance of service `{}` failed to answer", cfg.service),
+                        ),
+                        Failure::Timeout => (
+                            AttemptOutcome::Timeout,
+                            Problem::GatewayTimeout,
+                            format!("service `{}` did not answer in time", cfg.service),
+                        ),
+                    };
+                    self.metrics.attempt(route.index, outcome);
+                    if too_large.as_ref().is_some_and(|f| f.load(Relaxed)) {
+                        let detail = format!("request body exceeds {} bytes", cfg.max_body_bytes);
+                        return self.problem(fin, Problem::PayloadTooLarge, &detail, None);
+                    }
+                    let safe = matches!(failure, Failure::Connect) || retry_after_send;
+                    let past_deadline = tokio::time::Instant::now() >= deadline;
+                    if past_deadline {
+                        let d = format!("service `{}` did not answer in time", cfg.service);
+                        return self.problem(fin, Problem::GatewayTimeout, &d, None);
+                    }
+                    let nothing_sent = matches!(failure, Failure::Connect);
+                    if safe
+                        && more_after
+                        && body.is_some()
+                        && self
+                            .may_retry(route.index, state, attempt, cfg, deadline, nothing_sent)
+                            .await
+                    {
+                        last = Some((p, detail));
+                        continue;
+                    }
+                    return self.problem(fin, p, &detail, None);
+                }
+            }
+        }
+    }
+
+    /// Asks the budget for a retry and sleeps the jittered backoff.
+    ///
+    /// A retry after a failed connect skips the budget: nothing reached the
+    /// failed instance, so it cannot multiply an outage, and the retry goes
+    /// to another instance; the budget guards retries of requests that were sent.
+    #[allow(clippy::too_many_arguments)]
+    async fn may_retry(
+        &'static self,
+        route: usize,
+        state: &RouteState,
+        attempt: u32,
+        cfg: &RouteConfig,
+        deadline: tokio::time::Instant,
+        nothing_sent: bool,
+    ) -> bool {
+        if !nothing_sent && !state.budget.try_withdraw() {
+            self.metrics.budget_exhausted(route);
+            return false;
+        }
+        self.metrics.retry(route);
+        let wait = backoff(attempt, cfg.retry.backoff, cfg.retry.max_backoff);
+        let until = tokio::time::Instant::now() + wait;
+        if until >= deadline {
+            return false;
+        }
+        if !wait.is_zero() {
+            sleep_until(until).await;
+        }
+        true
+    }
+
+    async fn send(
+        &'static self,
+        conn: &mut Conn,
+        req: Request<ReqBody>,
+        addr: SocketAddr,
+        cfg: &RouteConfig,
+        deadline: tokio::time::Instant,
+    ) -> Result<Response<Incoming>, Failure> {
+        match timeout_at(deadline, conn.try_send_request(req)).await {
+            Err(_) => Err(Failure::Timeout),
+            Ok(Ok(res)) => Ok(res),
+            Ok(Err(mut e)) => match e.take_message() {
+                // The pooled connection closed before anything was written
+                // (the keep-alive race): nothing was sent, use a fresh one.
+                Some(req) => {
+                    let fresh =
+                        timeout_at(deadline, pool::connect(addr, cfg.connect_timeout)).await;
+                    let Ok(Ok(c)) = fresh else {
+                        return Err(Failure::Connect);
+                    };
+                    *conn = c;
+                    match timeout_at(deadline, conn.send_request(req)).await {
+                        Err(_) => Err(Failure::Timeout),
+                        Ok(Ok(res)) => Ok(res),
+                        Ok(Err(_)) => Err(Failure::Reset),
+                    }
+                }
+                None => Err(Failure::Reset),
+            },
+        }
+    }
+
+    fn respond(&'static self, mut fin: Finish, res: Response<Incoming>) -> Response<ResBody> {
+        let (mut parts, body) = res.into_parts();
+        response_filter(&mut parts.headers, &fin.request_id);
+        fin.status = parts.status.as_u16();
+        let mut body = ResBody::upstream(body);
+        body.set_finish(fin);
+        Response::from_parts(parts, body)
+    }
+}

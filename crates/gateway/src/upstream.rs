@@ -1,0 +1,218 @@
+//! Discovery snapshots and balancing.
+//!
+//! Discovery hands each service's instance list to the engine through a
+//! `tokio::sync::watch` channel. For every route a background task turns each
+//! new list into an immutable [`Upstreams`] snapshot (passing instances only,
+//! each with its breaker and outstanding-request counter, carried over from the
+//! previous snapshot by instance id) and publishes it with an `ArcSwap`. The
+//! request path reads the snapshot without a lock and picks an instance with
+//! power-of-two-choices on outstanding requests, or round robin.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+use tokio::sync::watch;
+
+use crate::breaker::InstanceBreaker;
+use crate::config::{Balance, RawBreaker};
+use crate::correlation::random_below;
+
+/// Health of an instance as discovery reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceStatus {
+    /// Receives traffic.
+    Passing,
+    /// Degraded: receives no traffic from the gateway.
+    Warning,
+    /// Failing.
+    Critical,
+}
+
+impl InstanceStatus {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceStatus::Passing => "passing",
+            InstanceStatus::Warning => "warning",
+            InstanceStatus::Critical => "critical",
+        }
+    }
+}
+
+/// An instance as discovery reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    /// Registry id, unique within the service.
+    pub id: String,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its health.
+    pub status: InstanceStatus,
+}
+
+/// A service's instance list, as published by discovery.
+pub type InstanceList = Arc<Vec<Instance>>;
+
+/// One instance as one route sees it: address, breaker, load.
+#[derive(Debug)]
+pub struct Upstream {
+    /// Registry id.
+    pub id: String,
+    /// Address.
+    pub addr: SocketAddr,
+    /// `Host` header sent to it.
+    pub host: HeaderValue,
+    /// Requests in flight (P2C load signal).
+    pub outstanding: AtomicU32,
+    /// Its circuit breaker.
+    pub breaker: InstanceBreaker,
+}
+
+/// An immutable view of a route's usable instances.
+#[derive(Debug, Default)]
+pub struct Upstreams {
+    /// Passing instances.
+    pub passing: Vec<Arc<Upstream>>,
+    /// Instances known to discovery, with their status (for metrics).
+    pub all: Vec<Instance>,
+}
+
+/// The balancer's answer.
+#[derive(Debug)]
+pub enum Pick {
+    /// Use this instance (its breaker admitted the call).
+    Instance(Arc<Upstream>, crate::breaker::Permit),
+    /// There is no passing instance (or all were tried).
+    NoneHealthy,
+    /// Every candidate's breaker is open; retry after this long.
+    AllOpen(Duration),
+}
+
+/// A route's live upstream set.
+#[derive(Debug)]
+pub struct RouteUpstreams {
+    /// Current snapshot.
+    pub current: ArcSwap<Upstreams>,
+    balance: Balance,
+    rr: AtomicUsize,
+    breaker: RawBreaker,
+}
+
+impl RouteUpstreams {
+    /// An empty set (filled by [`RouteUpstreams::update`]).
+    pub fn new(balance: Balance, breaker: RawBreaker) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(Upstreams::default()),
+            balance,
+            rr: AtomicUsize::new(0),
+            breaker,
+        }
+    }
+
+    /// Publishes a new snapshot from a discovery list, keeping the state
+    /// (breaker, load) of instances that are still there.
+    pub fn update(&self, list: &[Instance], on_breaker_change: &crate::breaker::OnChange) {
+        let old = self.current.load_full();
+        let passing = list
+            .iter()
+            .filter(|i| i.status == InstanceStatus::Passing)
+            .map(|i| {
+                old.passing
+                    .iter()
+                    .find(|u| u.id == i.id && u.addr == i.addr)
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        Arc::new(Upstream {
+                            id: i.id.clone(),
+                            addr: i.addr,
+                            host: HeaderValue::from_str(&i.addr.to_string())
+                                .unwrap_or(HeaderValue::from_static("upstream")),
+                            outstanding: AtomicU32::new(0),
+                            breaker: InstanceBreaker::new(&self.breaker, i, on_breaker_change),
+                        })
+                    })
+            })
+            .collect();
+        self.current.store(Arc::new(Upstreams {
+            passing,
+            all: list.to_vec(),
+        }));
+    }
+
+    /// Picks an instance not in `tried` whose breaker admits a call.
+    pub fn pick(&self, tried: &[SocketAddr]) -> Pick {
+        let snap = self.current.load();
+        let list = &snap.passing;
+        let n = list.len();
+        if n == 0 {
+            return Pick::NoneHealthy;
+        }
+        let usable = |u: &Upstream| !tried.contains(&u.addr);
+        // First choice: the balancer's; then everything else in order.
+        let first = match self.balance {
+            Balance::P2c if n >= 2 => {
+                let a = random_below(n);
+                let mut b = random_below(n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (ua, ub) = (&list[a], &list[b]);
+                match (usable(ua), usable(ub)) {
+                    (true, true) => {
+                        if ub.outstanding.load(Relaxed) < ua.outstanding.load(Relaxed) {
+                            b
+                        } else {
+                            a
+                        }
+                    }
+                    (true, false) => a,
+                    (false, true) => b,
+                    (false, false) => a,
+                }
+            }
+            Balance::P2c => 0,
+            Balance::RoundRobin => self.rr.fetch_add(1, Relaxed) % n,
+        };
+        let mut soonest: Option<Duration> = None;
+        let mut any_untried = false;
+        for k in 0..n {
+            let u = &list[(first + k) % n];
+            if !usable(u) {
+                continue;
+            }
+            any_untried = true;
+            match u.breaker.try_acquire() {
+                Ok(permit) => return Pick::Instance(Arc::clone(u), permit),
+                Err(after) => soonest = Some(soonest.map_or(after, |s| s.min(after))),
+            }
+        }
+        if !any_untried && !tried.is_empty() {
+            // Every instance was tried once: a retry may go to any of them again.
+            return self.pick(&[]);
+        }
+        match soonest {
+            Some(after) => Pick::AllOpen(after),
+            None => Pick::NoneHealthy,
+        }
+    }
+}
+
+/// Keeps `target` in step with a discovery channel until the channel closes.
+pub async fn follow(
+    target: Arc<RouteUpstreams>,
+    mut rx: watch::Receiver<InstanceList>,
+    on_change: crate::breaker::OnChange,
+) {
+    loop {
+        let list = rx.borrow_and_update().clone();
+        target.update(&list, &on_change);
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
