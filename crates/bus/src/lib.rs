@@ -48,6 +48,12 @@
 //! | memory | `memory://[NAME]` | no (process lifetime) | yes | yes | yes |
 //! | Redis Streams | `redis://HOST:PORT` | yes (as the server's AOF/RDB) | yes (retention) | yes | yes |
 //! | NATS JetStream | `nats://HOST:PORT` | yes (file storage) | yes (`max_age`) | yes | yes |
+//! | Redis Pub/Sub | `redis+pubsub://HOST:PORT` | **no**: fire-and-forget | no | no (every subscription gets every event) | yes |
+//!
+//! Redis Pub/Sub speaks the plain `{id, timestamp, name, data, version}`
+//! envelope, so it interoperates with simple Node.js buses; it retries failed
+//! handlers in-process but loses events nobody was subscribed to, and those in
+//! flight when a process dies.
 //!
 //! # Layout
 //! - [`event`]: the CloudEvents envelope, builder and validation.

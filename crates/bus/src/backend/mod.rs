@@ -11,12 +11,14 @@ use crate::{BusError, Capabilities, Event, Handler, SubscribeOptions, Subscripti
 
 pub(crate) mod memory;
 pub(crate) mod nats;
+pub(crate) mod redis_pubsub;
 pub(crate) mod redis_streams;
 
 pub(crate) enum Backend {
     Memory(memory::Memory),
     Redis(redis_streams::RedisStreams),
     Nats(Box<nats::Nats>),
+    PubSub(redis_pubsub::RedisPubSub),
 }
 
 /// Opens the backend named by the URL's scheme.
@@ -35,6 +37,7 @@ pub(crate) async fn open(url: &str) -> Result<Backend, BusError> {
         "redis" | "rediss" => Ok(Backend::Redis(
             redis_streams::RedisStreams::open(url).await?,
         )),
+        "redis+pubsub" => Ok(Backend::PubSub(redis_pubsub::RedisPubSub::open(url).await?)),
         "nats" | "tls" => Ok(Backend::Nats(Box::new(nats::Nats::open(url).await?))),
         _ => Err(invalid(
             "unknown scheme (expected memory://, redis://, redis+pubsub:// or nats://)",
@@ -73,6 +76,7 @@ impl Backend {
             Backend::Memory(_) => memory::CAPABILITIES,
             Backend::Redis(_) => redis_streams::CAPABILITIES,
             Backend::Nats(_) => nats::CAPABILITIES,
+            Backend::PubSub(_) => redis_pubsub::CAPABILITIES,
         }
     }
 
@@ -84,6 +88,7 @@ impl Backend {
             }
             Backend::Redis(b) => b.publish(topic, events).await,
             Backend::Nats(b) => b.publish(topic, events).await,
+            Backend::PubSub(b) => b.publish(topic, events).await,
         }
     }
 
@@ -114,6 +119,12 @@ impl Backend {
                     consumer, topic, group, handler, opts, metrics,
                 ))
             }
+            Backend::PubSub(b) => {
+                let consumer = b.consumer(topic, group, &opts).await?;
+                Ok(crate::driver::spawn(
+                    consumer, topic, group, handler, opts, metrics,
+                ))
+            }
         }
     }
 
@@ -126,6 +137,10 @@ impl Backend {
             Backend::Memory(b) => Ok(b.peek(topic, limit).into_iter().map(Ok).collect()),
             Backend::Redis(b) => b.peek(topic, limit).await,
             Backend::Nats(b) => b.peek(topic, limit).await,
+            Backend::PubSub(_) => Err(BusError::Unsupported {
+                backend: "redis+pubsub",
+                what: "reading retained events (Pub/Sub retains nothing)",
+            }),
         }
     }
 }
