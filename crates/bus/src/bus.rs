@@ -213,6 +213,15 @@ impl Bus {
             .await
     }
 
+    /// Deletes a consumer group and its position (its subscriptions should be
+    /// shut down first). An abandoned group would otherwise hold back trimming
+    /// on Redis forever.
+    pub async fn delete_group(&self, topic: &str, group: &str) -> Result<(), BusError> {
+        backend::validate_name("topic", topic)?;
+        backend::validate_name("group", group)?;
+        self.inner.backend.delete_group(topic, group).await
+    }
+
     /// Reads up to `limit` retained events of `topic` from the oldest, without
     /// consuming them (entries that do not decode are returned as errors).
     pub async fn peek(

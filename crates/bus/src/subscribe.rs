@@ -66,6 +66,7 @@ pub const DEFAULT_DEAD_LETTER_TOPIC: &str = "deadletter";
 /// | `backoff` | 100 ms doubling to 10 s, jittered | delay before a failed event is redelivered |
 /// | `dead_letter_topic` | `deadletter` | where dead letters go |
 /// | `consumer_name` | random | this consumer's name inside the group (Redis, for its pending list) |
+/// | `start_at_latest` | false | a group created by this subscription skips retained events |
 #[derive(Debug, Clone)]
 pub struct SubscribeOptions {
     pub(crate) max_in_flight: usize,
@@ -74,6 +75,7 @@ pub struct SubscribeOptions {
     pub(crate) backoff: RetryBackoff,
     pub(crate) dead_letter_topic: String,
     pub(crate) consumer_name: Option<String>,
+    pub(crate) start_at_latest: bool,
 }
 
 impl Default for SubscribeOptions {
@@ -85,6 +87,7 @@ impl Default for SubscribeOptions {
             backoff: RetryBackoff::default(),
             dead_letter_topic: DEFAULT_DEAD_LETTER_TOPIC.to_owned(),
             consumer_name: None,
+            start_at_latest: false,
         }
     }
 }
@@ -126,6 +129,14 @@ impl SubscribeOptions {
     /// shows it in `XINFO CONSUMERS` and keeps a pending list per name.
     pub fn consumer_name(mut self, name: impl Into<String>) -> Self {
         self.consumer_name = Some(name.into());
+        self
+    }
+
+    /// When this subscription creates its group, start it after the events
+    /// already retained instead of at the oldest (default: oldest). An
+    /// existing group keeps its position either way.
+    pub fn start_at_latest(mut self, latest: bool) -> Self {
+        self.start_at_latest = latest;
         self
     }
 

@@ -35,6 +35,7 @@ conformance_tests!(fixture();
     late_group_sees_earlier_events,
     ordered_per_topic,
     graceful_shutdown_finishes_in_flight,
+    start_at_latest_and_delete_group,
 );
 
 #[tokio::test]

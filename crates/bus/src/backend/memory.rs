@@ -170,6 +170,10 @@ impl Memory {
         t.notify.notify_waiters();
     }
 
+    pub(crate) fn delete_group(&self, topic: &str, group: &str) {
+        self.topic(topic).state.lock().groups.remove(group);
+    }
+
     pub(crate) fn peek(&self, topic: &str, limit: usize) -> Vec<Event> {
         let t = self.topic(topic);
         let s = t.state.lock();
@@ -185,7 +189,11 @@ impl Memory {
         let t = self.topic(topic);
         {
             let mut s = t.state.lock();
-            let first = s.first_seq;
+            let first = if opts.start_at_latest {
+                s.first_seq + s.log.len() as u64
+            } else {
+                s.first_seq
+            };
             s.groups.entry(group.to_owned()).or_insert_with(|| Group {
                 cursor: first,
                 ..Group::default()

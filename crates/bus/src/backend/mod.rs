@@ -128,6 +128,19 @@ impl Backend {
         }
     }
 
+    pub(crate) async fn delete_group(&self, topic: &str, group: &str) -> Result<(), BusError> {
+        match self {
+            Backend::Memory(b) => {
+                b.delete_group(topic, group);
+                Ok(())
+            }
+            Backend::Redis(b) => b.delete_group(topic, group).await,
+            Backend::Nats(b) => b.delete_group(topic, group).await,
+            // Pub/Sub keeps no group state.
+            Backend::PubSub(_) => Ok(()),
+        }
+    }
+
     pub(crate) async fn peek(
         &self,
         topic: &str,

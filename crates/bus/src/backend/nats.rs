@@ -172,6 +172,15 @@ impl Nats {
         Ok(out)
     }
 
+    pub(crate) async fn delete_group(&self, topic: &str, group: &str) -> Result<(), BusError> {
+        let stream = self.ensure_stream(topic).await?;
+        stream
+            .delete_consumer(&escape(group))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
     pub(crate) async fn consumer(
         &self,
         topic: &str,
@@ -185,7 +194,11 @@ impl Nats {
             ack_policy: jetstream::consumer::AckPolicy::Explicit,
             ack_wait: opts.ack_wait,
             max_deliver: i64::from(opts.max_deliveries) + 1,
-            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            deliver_policy: if opts.start_at_latest {
+                jetstream::consumer::DeliverPolicy::New
+            } else {
+                jetstream::consumer::DeliverPolicy::All
+            },
             max_ack_pending: 100_000,
             ..Default::default()
         };

@@ -174,6 +174,18 @@ impl RedisStreams {
             .collect())
     }
 
+    pub(crate) async fn delete_group(&self, topic: &str, group: &str) -> Result<(), BusError> {
+        let mut conn = self.shared.conn.clone();
+        let _: Value = redis::cmd("XGROUP")
+            .arg("DESTROY")
+            .arg(stream_key(topic))
+            .arg(group)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error(&e))?;
+        Ok(())
+    }
+
     pub(crate) async fn consumer(
         &self,
         topic: &str,
@@ -182,7 +194,8 @@ impl RedisStreams {
     ) -> Result<RedisConsumer, BusError> {
         self.shared.note_topic(topic);
         let key = stream_key(topic);
-        create_group(&self.shared.conn, &key, group).await?;
+        let start = if opts.start_at_latest { "$" } else { "0" };
+        create_group(&self.shared.conn, &key, group, start).await?;
         let name = opts
             .consumer_name
             .clone()
@@ -246,13 +259,18 @@ async fn publish(conn: &ConnectionManager, key: &str, events: &[Event]) -> Resul
     Ok(())
 }
 
-async fn create_group(conn: &ConnectionManager, key: &str, group: &str) -> Result<(), BusError> {
+async fn create_group(
+    conn: &ConnectionManager,
+    key: &str,
+    group: &str,
+    start: &str,
+) -> Result<(), BusError> {
     let mut conn = conn.clone();
     let created: Result<Value, _> = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(key)
         .arg(group)
-        .arg("0")
+        .arg(start)
         .arg("MKSTREAM")
         .query_async(&mut conn)
         .await;
@@ -376,7 +394,7 @@ impl RedisConsumer {
     async fn on_error(&self, e: &redis::RedisError) -> BusError {
         if e.code() == Some("NOGROUP") {
             // The stream or group vanished (a broker restarted without persistence).
-            if let Err(err) = create_group(&self.shared.conn, &self.key, &self.group).await {
+            if let Err(err) = create_group(&self.shared.conn, &self.key, &self.group, "0").await {
                 return err;
             }
         } else {

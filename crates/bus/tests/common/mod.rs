@@ -475,6 +475,7 @@ macro_rules! conformance_tests {
             ordered_per_topic,
             graceful_shutdown_finishes_in_flight,
             broker_restart_loses_nothing,
+            start_at_latest_and_delete_group,
         );
     };
     (@cases $fixture:expr; $($case:ident),* $(,)?) => {
@@ -486,4 +487,33 @@ macro_rules! conformance_tests {
             }
         )*
     };
+}
+
+/// A group created with `start_at_latest` skips retained events; deleting a
+/// group forgets its position (a new group of that name starts over).
+pub async fn start_at_latest_and_delete_group(f: &mut dyn Fixture) {
+    let bus = Bus::open(&f.url()).await.unwrap();
+    if !bus.capabilities().replay_for_new_groups {
+        return skip(&bus.capabilities(), "replay for new groups");
+    }
+    let topic = unique("latest");
+    publish_n(&bus, &topic, 0..5).await;
+    let (h, mut rx) = recorder();
+    let sub = bus
+        .subscribe(&topic, "tail", h, fast_options().start_at_latest(true))
+        .await
+        .unwrap();
+    publish_n(&bus, &topic, 5..6).await;
+    assert_eq!(collect_ids(&mut rx, 1).await, ["e00005"]);
+    assert_quiet(&mut rx, Duration::from_millis(200)).await;
+    sub.shutdown().await;
+    bus.delete_group(&topic, "tail").await.unwrap();
+    let (h, mut rx) = recorder();
+    let sub = bus
+        .subscribe(&topic, "tail", h, fast_options())
+        .await
+        .unwrap();
+    let got: BTreeSet<_> = collect_ids(&mut rx, 6).await.into_iter().collect();
+    assert_eq!(got, ids(0..6));
+    sub.shutdown().await;
 }
