@@ -3,12 +3,15 @@
 //! # Layout
 //! - `main.rs`: argument parsing and dispatch; errors print their chain, one line each.
 //! - `bench.rs`: `switchboard bench ...`, the built-in benchmarks.
+//! - `gateway.rs`, `check.rs`: `switchboard gateway` and `switchboard check` (gateway config).
 //! - `registry.rs`, `services.rs`: `switchboard registry` (standalone registry server) and
 //!   `switchboard services` (the table of services, instances and health).
 //!
 //! Each subcommand's substance lives in a library crate; the files here only wire it.
 
 mod bench;
+mod check;
+mod gateway;
 mod registry;
 mod services;
 
@@ -27,6 +30,10 @@ enum Command {
     /// Built-in benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Validates a gateway config; errors name file, line, column and key.
+    Check(check::CheckArgs),
+    /// Runs the gateway (+ its registry) from a TOML config.
+    Gateway(gateway::GatewayArgs),
     /// Runs a standalone service registry server.
     Registry(registry::RegistryArgs),
     /// Lists services, instances and health as a table.
@@ -47,6 +54,8 @@ fn main() -> std::process::ExitCode {
     init_tracing();
     let result = match cli.command {
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Check(args) => check::run(&args),
+        Command::Gateway(args) => gateway::run(&args),
         Command::Registry(args) => registry::run(args),
         Command::Services(args) => services::run(args),
     };

@@ -17,7 +17,7 @@ use crate::proxy::Gateway;
 use crate::upstream::InstanceStatus;
 
 /// Shared state of the admin handlers.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AdminState {
     /// The engine.
     pub gw: &'static Gateway,
@@ -25,6 +25,17 @@ pub struct AdminState {
     pub ready: Arc<AtomicBool>,
     /// Extra OpenAPI paths merged into `/openapi.json`.
     pub openapi_extra: Arc<Value>,
+    /// More series appended to `/metrics`.
+    pub extra_metrics: Option<ExtraMetrics>,
+}
+
+/// Renders extra Prometheus series (complete families, with HELP and TYPE).
+pub type ExtraMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState").finish_non_exhaustive()
+    }
 }
 
 /// The admin router (without the merged extras).
@@ -119,7 +130,10 @@ pub fn render_metrics(gw: &Gateway) -> String {
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
-    let body = render_metrics(s.gw);
+    let mut body = render_metrics(s.gw);
+    if let Some(extra) = &s.extra_metrics {
+        body.push_str(&extra());
+    }
     let mut res = body.into_response();
     res.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -467,15 +467,11 @@ impl RawConfig {
         let mut services = Vec::new();
         for (i, s) in self.services.into_iter().enumerate() {
             let name = s.name.get_ref().clone();
-            if name.is_empty()
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-            {
+            if switchboard_registry::validate::service_name(&name).is_err() {
                 err(
                     s.name.span(),
                     format!("services[{i}].name"),
-                    "must be non-empty letters, digits, `-`, `_` or `.`".into(),
+                    "must match [a-z0-9-]{1,63} (the registry's service names)".into(),
                 );
             }
             if services.iter().any(|x: &ServiceConfig| x.name == name) {

@@ -65,3 +65,79 @@ pub fn static_sources(config: &Config) -> StaticSources {
     }
     s
 }
+
+/// Follows `registry`'s view of each service and republishes it as an
+/// [`InstanceList`] on every change (runs until the registry shuts down).
+///
+/// Instances registered with a hostname instead of an IP literal are skipped
+/// with a warning: the gateway does not resolve names on the request path.
+pub fn registry_sources(
+    registry: &switchboard_registry::Registry,
+    services: impl IntoIterator<Item = String>,
+) -> HashMap<String, watch::Receiver<InstanceList>> {
+    let mut out = HashMap::new();
+    for service in services {
+        if out.contains_key(&service) {
+            continue;
+        }
+        let mut w = registry.watch(&service);
+        let (tx, rx) = watch::channel(Arc::new(convert(&service, &w.load())));
+        let name = service.clone();
+        tokio::spawn(async move {
+            while let Some(view) = w.changed().await {
+                if tx.send(Arc::new(convert(&name, &view))).is_err() {
+                    return;
+                }
+            }
+        });
+        out.insert(service, rx);
+    }
+    out
+}
+
+fn convert(service: &str, view: &switchboard_registry::ServiceView) -> Vec<Instance> {
+    use switchboard_registry::Status;
+    view.instances
+        .iter()
+        .filter_map(|i| {
+            let Some(addr) = i.socket_addr() else {
+                tracing::warn!(service, id = %i.id, address = %i.address, "instance address is not an IP literal; skipped");
+                return None;
+            };
+            Some(Instance {
+                id: i.id.clone(),
+                addr,
+                status: match i.status {
+                    Status::Passing => InstanceStatus::Passing,
+                    Status::Warning => InstanceStatus::Warning,
+                    Status::Critical => InstanceStatus::Critical,
+                },
+            })
+        })
+        .collect()
+}
+
+/// Registers the config's static `[[services]]` instances (with their health
+/// check) in `registry`, so static and dynamic instances share one discovery
+/// path. Instance ids are the `IP:PORT` strings.
+pub async fn register_static(
+    registry: &switchboard_registry::Registry,
+    config: &Config,
+) -> Result<(), switchboard_registry::RegistryError> {
+    use switchboard_registry::{CheckSpec, Registration};
+    for svc in &config.services {
+        for addr in &svc.instances {
+            let mut reg = Registration::new(addr.ip().to_string(), addr.port());
+            if let Some(h) = &svc.health {
+                reg = reg.check(
+                    CheckSpec::http(h.path.clone())
+                        .interval(h.interval)
+                        .timeout(h.timeout)
+                        .thresholds(h.healthy_threshold, h.unhealthy_threshold),
+                );
+            }
+            registry.register(&svc.name, &addr.to_string(), reg).await?;
+        }
+    }
+    Ok(())
+}

@@ -111,6 +111,8 @@ pub struct GatewayBuilder {
     on_breaker: Option<BreakerListener>,
     admin_extra: Option<axum::Router>,
     openapi_extra: serde_json::Value,
+    passive: Option<proxy::PassiveHealth>,
+    extra_metrics: Option<admin::ExtraMetrics>,
 }
 
 impl std::fmt::Debug for GatewayBuilder {
@@ -131,6 +133,8 @@ impl GatewayBuilder {
             on_breaker: None,
             admin_extra: None,
             openapi_extra: serde_json::Value::Null,
+            passive: None,
+            extra_metrics: None,
         }
     }
 
@@ -158,6 +162,19 @@ impl GatewayBuilder {
     pub fn admin_extra(mut self, router: axum::Router, openapi: serde_json::Value) -> Self {
         self.admin_extra = Some(router);
         self.openapi_extra = openapi;
+        self
+    }
+
+    /// Receives passive health outcomes `(service, instance id, ok)`: every
+    /// failed attempt, and the first success after a failure.
+    pub fn passive_health(mut self, f: proxy::PassiveHealth) -> Self {
+        self.passive = Some(f);
+        self
+    }
+
+    /// Appends more series (e.g. the registry's) to `/metrics`.
+    pub fn extra_metrics(mut self, f: admin::ExtraMetrics) -> Self {
+        self.extra_metrics = Some(f);
         self
     }
 
@@ -215,6 +232,7 @@ impl GatewayBuilder {
                 idle_timeout: cfg.gateway.pool_idle_timeout,
                 max_idle: cfg.gateway.pool_max_idle,
             },
+            passive: self.passive,
         }));
 
         let workers = if cfg.gateway.workers == 0 {
@@ -232,6 +250,7 @@ impl GatewayBuilder {
             gw,
             ready: Arc::clone(&ready),
             openapi_extra: Arc::new(self.openapi_extra),
+            extra_metrics: self.extra_metrics,
         });
         if let Some(extra) = self.admin_extra {
             app = app.merge(extra);
@@ -301,4 +320,69 @@ impl RunningGateway {
         .await;
         let _ = self.admin_task.await;
     }
+}
+
+/// Why [`run`] could not start or finish.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The registry store could not be opened or a static instance registered.
+    #[error("registry: {0}")]
+    Registry(#[from] switchboard_registry::RegistryError),
+    /// A listener could not be bound.
+    #[error("cannot listen: {0}")]
+    Io(#[from] io::Error),
+    /// The admin listener (which serves registry writes) is off loopback without a token.
+    #[error("refusing to serve the admin API on non-loopback {0} without `registry.token`")]
+    InsecureAdmin(SocketAddr),
+}
+
+/// Runs the gateway with its registry (embedded, or shared through the
+/// configured Redis store) until `shutdown` resolves, then drains and returns.
+///
+/// The static `[[services]]` are registered in the registry with their health
+/// checks; the registry API is served on the admin listener; breaker outcomes
+/// are reported to the registry as passive health.
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), RunError> {
+    use switchboard_registry::http::{self as reg_http, HttpOptions};
+    use switchboard_registry::{PassiveOutcome, Registry, RegistryOptions};
+
+    let token = config.registry.token.clone().filter(|t| !t.is_empty());
+    if !config.gateway.admin.ip().is_loopback() && token.is_none() {
+        return Err(RunError::InsecureAdmin(config.gateway.admin));
+    }
+    let registry = Registry::open(&config.registry.store, RegistryOptions::default()).await?;
+    discovery::register_static(&registry, &config).await?;
+    let services = config.routes.iter().map(|r| r.service.clone());
+    let sources = discovery::registry_sources(&registry, services);
+    let mut opts = HttpOptions::default();
+    if let Some(t) = token {
+        opts = opts.token(t);
+    }
+    let reporter = registry.clone();
+    let metrics_registry = registry.clone();
+    let running = GatewayBuilder::new(config)
+        .sources(sources)
+        .admin_extra(
+            reg_http::router(registry.clone(), opts),
+            reg_http::openapi(),
+        )
+        .passive_health(Arc::new(move |service: &str, id: &str, ok: bool| {
+            let outcome = if ok {
+                PassiveOutcome::Success
+            } else {
+                PassiveOutcome::Failure
+            };
+            reporter.report(service, id, outcome);
+        }))
+        .extra_metrics(Arc::new(move || reg_http::metrics_text(&metrics_registry)))
+        .start()
+        .await?;
+    shutdown.await;
+    tracing::info!("shutting down: draining in-flight requests");
+    running.shutdown().await;
+    registry.shutdown().await;
+    Ok(())
 }

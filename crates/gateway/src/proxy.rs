@@ -51,14 +51,25 @@ pub struct RouteState {
 
 /// The engine: everything the request path reads. Built once and leaked to
 /// `'static` so requests reference it without touching a reference count.
-#[derive(Debug)]
 pub struct Gateway {
     pub(crate) routes: RouteTable,
     pub(crate) states: Vec<RouteState>,
     pub(crate) metrics: Metrics,
     pub(crate) access: AccessLog,
     pub(crate) pool: PoolConfig,
+    pub(crate) passive: Option<PassiveHealth>,
 }
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("routes", &self.routes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Receives passive health outcomes: `(service, instance id, ok)`.
+pub type PassiveHealth = Arc<dyn Fn(&str, &str, bool) + Send + Sync>;
 
 /// Request bookkeeping completed when the response body ends or is dropped.
 #[derive(Debug)]
@@ -447,6 +458,7 @@ impl Gateway {
                     let status = res.status();
                     let server_error = status.is_server_error();
                     permit.record(!server_error);
+                    self.passive(&cfg.service, &u, !server_error);
                     self.metrics.attempt(
                         route.index,
                         if server_error {
@@ -482,6 +494,7 @@ impl Gateway {
                 Err(failure) => {
                     u.outstanding.fetch_sub(1, Relaxed);
                     permit.record(false);
+                    self.passive(&cfg.service, &u, false);
                     let (outcome, p, detail) = match failure {
                         Failure::Connect => (
                             AttemptOutcome::ConnectError,
@@ -527,6 +540,22 @@ impl Gateway {
                     return self.problem(fin, p, &detail, None);
                 }
             }
+        }
+    }
+
+    /// Reports to passive health: every failure, and the first success after
+    /// one (so the hot path only reads a flag).
+    fn passive(&self, service: &str, u: &Upstream, ok: bool) {
+        let Some(report) = &self.passive else {
+            return;
+        };
+        if ok {
+            if u.suspect.load(Relaxed) && u.suspect.swap(false, Relaxed) {
+                report(service, &u.id, true);
+            }
+        } else {
+            u.suspect.store(true, Relaxed);
+            report(service, &u.id, false);
         }
     }
 

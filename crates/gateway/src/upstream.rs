@@ -10,7 +10,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -71,6 +71,8 @@ pub struct Upstream {
     pub outstanding: AtomicU32,
     /// Its circuit breaker.
     pub breaker: InstanceBreaker,
+    /// A failure was reported to passive health and no success since.
+    pub suspect: AtomicBool,
 }
 
 /// An immutable view of a route's usable instances.
@@ -134,6 +136,7 @@ impl RouteUpstreams {
                                 .unwrap_or(HeaderValue::from_static("upstream")),
                             outstanding: AtomicU32::new(0),
                             breaker: InstanceBreaker::new(&self.breaker, i, on_breaker_change),
+                            suspect: AtomicBool::new(false),
                         })
                     })
             })
