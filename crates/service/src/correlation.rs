@@ -222,19 +222,59 @@ impl Correlation {
         Self::current().unwrap_or_else(Self::generate)
     }
 
-    /// A `tracing` span named `request` with `request_id` and `trace_id` fields.
-    pub fn span(&self) -> tracing::Span {
-        tracing::info_span!(
-            "request",
-            request_id = %self.request_id,
-            trace_id = %format_args!("{:032x}", self.traceparent.trace_id),
-        )
+    /// A `tracing` span named `request` with `request_id` and `trace_id` fields,
+    /// and `service` when given: every log line inside names all three.
+    pub fn span(&self, service: Option<&str>) -> tracing::Span {
+        let trace_id = format_args!("{:032x}", self.traceparent.trace_id);
+        match service {
+            Some(service) => tracing::info_span!(
+                "request",
+                service = %service,
+                request_id = %self.request_id,
+                trace_id = %trace_id,
+            ),
+            None => tracing::info_span!(
+                "request",
+                request_id = %self.request_id,
+                trace_id = %trace_id,
+            ),
+        }
     }
 
-    /// Runs `fut` with this context as [`Correlation::current`] and inside its [`span`](Self::span).
-    pub fn scope<F: Future>(self, fut: F) -> impl Future<Output = F::Output> {
-        let span = self.span();
-        CURRENT.scope(self, fut).instrument(span)
+    /// The same context in the bus's terms, so that events published inside
+    /// [`scope`](Self::scope) carry it (`correlationid` = request id).
+    pub fn to_bus(&self) -> switchboard_bus::middleware::correlation::Correlation {
+        switchboard_bus::middleware::correlation::Correlation {
+            traceparent: Some(self.traceparent.to_string()),
+            correlation_id: Some(self.request_id.to_string()),
+        }
+    }
+
+    /// The context an event carries (its `correlationid` and `traceparent`).
+    pub fn of_event(event: &switchboard_bus::Event) -> Self {
+        Self::from_parts(event.correlation_id(), event.traceparent())
+    }
+
+    /// Runs `fut` with this context as [`Correlation::current`] (and as the
+    /// bus's current context), inside its [`span`](Self::span).
+    pub fn scope<F: Future>(self, fut: F) -> impl Future<Output = F::Output> + use<F> {
+        self.scope_in(None, fut)
+    }
+
+    /// [`scope`](Self::scope) with the span naming `service`.
+    pub fn scope_in<F: Future>(
+        self,
+        service: Option<&str>,
+        fut: F,
+    ) -> impl Future<Output = F::Output> + use<F> {
+        let span = self.span(service);
+        let bus = self.to_bus();
+        CURRENT
+            .scope(
+                self,
+                switchboard_bus::middleware::correlation::scope(bus, fut),
+            )
+            .instrument(span)
     }
 
     /// Writes the headers for an outgoing call: the request id and a child traceparent.
@@ -247,20 +287,32 @@ impl Correlation {
 }
 
 /// A tower layer that puts every request in its [`Correlation`] context; see the module docs.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CorrelationLayer;
+#[derive(Debug, Clone, Default)]
+pub struct CorrelationLayer {
+    service: Option<Arc<str>>,
+}
 
 impl CorrelationLayer {
     /// The layer.
     pub fn new() -> Self {
-        Self
+        Self::default()
+    }
+
+    /// The layer, with request spans naming `service`.
+    pub fn for_service(service: &str) -> Self {
+        Self {
+            service: Some(service.into()),
+        }
     }
 }
 
 impl<S> tower::Layer<S> for CorrelationLayer {
     type Service = CorrelationService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        CorrelationService { inner }
+        CorrelationService {
+            inner,
+            service: self.service.clone(),
+        }
     }
 }
 
@@ -268,6 +320,7 @@ impl<S> tower::Layer<S> for CorrelationLayer {
 #[derive(Debug, Clone)]
 pub struct CorrelationService<S> {
     inner: S,
+    service: Option<Arc<str>>,
 }
 
 impl<S, B, RB> tower::Service<Request<B>> for CorrelationService<S>
@@ -293,20 +346,24 @@ where
             .insert(TRACEPARENT, correlation.traceparent.to_header());
         req.extensions_mut().insert(correlation.clone());
         let echo = HeaderValue::from_str(correlation.request_id()).ok();
-        let span = correlation.span();
+        let span = correlation.span(self.service.as_deref());
+        let bus = correlation.to_bus();
         let fut = {
             let _entered = span.enter();
             self.inner.call(req)
         };
         Box::pin(
             CURRENT
-                .scope(correlation, async move {
-                    let mut res = fut.await?;
-                    if let Some(v) = echo {
-                        res.headers_mut().insert(REQUEST_ID, v);
-                    }
-                    Ok(res)
-                })
+                .scope(
+                    correlation,
+                    switchboard_bus::middleware::correlation::scope(bus, async move {
+                        let mut res = fut.await?;
+                        if let Some(v) = echo {
+                            res.headers_mut().insert(REQUEST_ID, v);
+                        }
+                        Ok(res)
+                    }),
+                )
                 .instrument(span),
         )
     }

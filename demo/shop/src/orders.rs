@@ -1,0 +1,504 @@
+//! `order-service`: `POST /orders` (honours `Idempotency-Key`), `GET /orders/{id}`
+//! with the status history; drives each order from `pending` to `confirmed` or
+//! `cancelled` as inventory and payments answer.
+//!
+//! ```text
+//! pending --inventory.reserved--> inventory_confirmed --payment.completed--> payment_confirmed -> confirmed
+//!    \--inventory.rejected--> cancelled          \--payment.failed--> cancelled
+//! ```
+//!
+//! Events from inventory and payments may arrive in any order: `payment.*`
+//! implies the stock was reserved, so it moves a `pending` order through
+//! `inventory_confirmed` first. Each transition is published as
+//! `order.<status>` with the id `<order id>/<status>`: a redelivered fact
+//! republishes the very same events, which consumers' inboxes drop.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use switchboard_bus::{Event, HandlerError};
+use switchboard_service::{
+    Context, Correlation, IdempotencyLayer, IdempotencyStore, Service, ServiceBuilder,
+};
+
+use crate::events::{
+    self, InventoryReserved, Item, OrderCreated, OrderRef, OrderRejected, PaymentCompleted,
+};
+use crate::users::{self, User};
+use crate::{inventory, problem};
+
+/// The service's name in the registry.
+pub const SERVICE: &str = "order-service";
+
+/// Where an order stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Placed; waiting for inventory.
+    Pending,
+    /// Stock reserved; waiting for payment.
+    InventoryConfirmed,
+    /// Paid.
+    PaymentConfirmed,
+    /// Done: reserved and paid.
+    Confirmed,
+    /// Done: rejected by inventory or payments (stock given back).
+    Cancelled,
+}
+
+impl Status {
+    /// Whether the order can no longer change.
+    pub fn is_final(self) -> bool {
+        matches!(self, Status::Confirmed | Status::Cancelled)
+    }
+
+    /// The event published when an order enters this status.
+    pub fn event_type(self) -> &'static str {
+        match self {
+            Status::Pending => events::ORDER_CREATED,
+            Status::InventoryConfirmed => events::ORDER_INVENTORY_CONFIRMED,
+            Status::PaymentConfirmed => events::ORDER_PAYMENT_CONFIRMED,
+            Status::Confirmed => events::ORDER_CONFIRMED,
+            Status::Cancelled => events::ORDER_CANCELLED,
+        }
+    }
+}
+
+/// One step of an order's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    /// The status entered.
+    pub status: Status,
+    /// When, RFC 3339.
+    pub at: String,
+    /// The event type that caused it (`POST /orders` for `pending`).
+    pub cause: String,
+    /// Why, for a cancellation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// An order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Order {
+    /// `ord_` and 12 hex digits.
+    pub id: String,
+    /// Who ordered.
+    pub user_id: String,
+    /// What.
+    pub items: Vec<Item>,
+    /// Total price in cents.
+    pub total_cents: u64,
+    /// The request id of the `POST /orders` that placed it.
+    pub request_id: String,
+    /// The current status (the last step's).
+    pub status: Status,
+    /// Every status the order went through, oldest first.
+    pub history: Vec<Step>,
+}
+
+/// A fact another service reported about an order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fact {
+    /// `inventory.reserved`.
+    InventoryReserved,
+    /// `inventory.rejected`.
+    InventoryRejected(String),
+    /// `payment.completed`.
+    PaymentCompleted,
+    /// `payment.failed`.
+    PaymentFailed(String),
+}
+
+impl Fact {
+    fn cause(&self) -> &'static str {
+        match self {
+            Fact::InventoryReserved => events::INVENTORY_RESERVED,
+            Fact::InventoryRejected(_) => events::INVENTORY_REJECTED,
+            Fact::PaymentCompleted => events::PAYMENT_COMPLETED,
+            Fact::PaymentFailed(_) => events::PAYMENT_FAILED,
+        }
+    }
+}
+
+/// The orders "database": shared by every instance of the service in this process.
+#[derive(Debug, Clone, Default)]
+pub struct Orders {
+    orders: Arc<Mutex<HashMap<String, Order>>>,
+}
+
+impl Orders {
+    /// Stores a new `pending` order.
+    pub fn create(
+        &self,
+        user_id: String,
+        items: Vec<Item>,
+        total_cents: u64,
+        request_id: String,
+    ) -> Order {
+        let order = Order {
+            id: crate::new_id("ord"),
+            user_id,
+            items,
+            total_cents,
+            request_id,
+            status: Status::Pending,
+            history: vec![Step {
+                status: Status::Pending,
+                at: crate::now(),
+                cause: "POST /orders".into(),
+                reason: None,
+            }],
+        };
+        self.orders.lock().insert(order.id.clone(), order.clone());
+        order
+    }
+
+    /// Forgets an order whose `order.created` could not be published.
+    pub fn remove(&self, id: &str) {
+        self.orders.lock().remove(id);
+    }
+
+    /// An order by id.
+    pub fn get(&self, id: &str) -> Option<Order> {
+        self.orders.lock().get(id).cloned()
+    }
+
+    /// Number of orders in each status.
+    pub fn counts(&self) -> HashMap<Status, usize> {
+        let mut counts = HashMap::new();
+        for o in self.orders.lock().values() {
+            *counts.entry(o.status).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Applies `fact` to order `id` and returns the steps it caused, now or on an
+    /// earlier delivery of the same fact (so a redelivery republishes them), or
+    /// `None` for an unknown order.
+    pub fn apply(&self, id: &str, fact: &Fact) -> Option<Vec<Step>> {
+        let mut orders = self.orders.lock();
+        let order = orders.get_mut(id)?;
+        let cause = fact.cause();
+        let push = |order: &mut Order, status: Status, reason: Option<&String>| {
+            order.status = status;
+            order.history.push(Step {
+                status,
+                at: crate::now(),
+                cause: cause.to_owned(),
+                reason: reason.cloned(),
+            });
+        };
+        match fact {
+            Fact::InventoryReserved => {
+                if order.status == Status::Pending {
+                    push(order, Status::InventoryConfirmed, None);
+                }
+            }
+            Fact::InventoryRejected(reason) => {
+                if order.status == Status::Pending {
+                    push(order, Status::Cancelled, Some(reason));
+                }
+            }
+            Fact::PaymentCompleted | Fact::PaymentFailed(_) => {
+                // A payment happens only after a reservation: catch up if its
+                // event is still on the way.
+                if order.status == Status::Pending {
+                    push(order, Status::InventoryConfirmed, None);
+                }
+                if order.status == Status::InventoryConfirmed {
+                    if let Fact::PaymentFailed(reason) = fact {
+                        push(order, Status::Cancelled, Some(reason));
+                    } else {
+                        push(order, Status::PaymentConfirmed, None);
+                        push(order, Status::Confirmed, None);
+                    }
+                }
+            }
+        }
+        Some(
+            order
+                .history
+                .iter()
+                .filter(|s| s.cause == cause)
+                .cloned()
+                .collect(),
+        )
+    }
+}
+
+/// The body of `POST /orders`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewOrder {
+    /// An existing user's id.
+    pub user_id: String,
+    /// At least one line; SKUs from the catalogue, quantities of at least 1.
+    pub items: Vec<Item>,
+}
+
+/// The service, ready for its registry and bus to be set. Instances sharing
+/// `orders` and `keys` serve the same data.
+pub fn service(orders: &Orders, keys: IdempotencyStore) -> ServiceBuilder {
+    let mut builder = Service::builder(SERVICE)
+        .version(crate::VERSION)
+        .router_with({
+            let orders = orders.clone();
+            move |ctx: &Context| router(orders, ctx.clone(), keys)
+        });
+    for topic in [
+        events::INVENTORY_RESERVED,
+        events::INVENTORY_REJECTED,
+        events::PAYMENT_COMPLETED,
+        events::PAYMENT_FAILED,
+    ] {
+        let orders = orders.clone();
+        builder = builder.on(topic, move |ctx, event| on_fact(orders.clone(), ctx, event));
+    }
+    builder
+}
+
+#[derive(Clone)]
+struct AppState {
+    orders: Orders,
+    ctx: Context,
+}
+
+/// The service's routes: `POST /orders` behind the `Idempotency-Key` layer,
+/// `GET /orders/{id}`, `GET /orders/stats` (number of orders per status).
+pub fn router(orders: Orders, ctx: Context, keys: IdempotencyStore) -> Router {
+    let state = AppState { orders, ctx };
+    Router::new()
+        .route("/orders", post(place).layer(IdempotencyLayer::new(keys)))
+        .route("/orders/stats", get(stats))
+        .route("/orders/{id}", get(read))
+        .with_state(state)
+}
+
+async fn place(State(app): State<AppState>, body: Bytes) -> Response {
+    let new: NewOrder = match serde_json::from_slice(&body) {
+        Ok(n) => n,
+        Err(e) => return problem(StatusCode::UNPROCESSABLE_ENTITY, &format!("body: {e}")),
+    };
+    if new.items.is_empty() {
+        return problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "an order needs at least one item",
+        );
+    }
+    let mut total_cents = 0u64;
+    for item in &new.items {
+        let Some(price) = inventory::price(&item.sku) else {
+            return problem(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &format!("unknown sku {:?}", item.sku),
+            );
+        };
+        if item.qty == 0 {
+            return problem(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "quantities must be at least 1",
+            );
+        }
+        total_cents += price * u64::from(item.qty);
+    }
+    // Users is called over HTTP through discovery, breakers and retries.
+    let path = format!("/users/{}", new.user_id);
+    match app
+        .ctx
+        .client()
+        .get_json::<User>(users::SERVICE, &path)
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if e.status() == Some(StatusCode::NOT_FOUND) => {
+            return problem(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &format!("no user {}", new.user_id),
+            );
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "user lookup failed");
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("user lookup failed: {e}"),
+            );
+        }
+    }
+    let request_id = Correlation::current()
+        .map(|c| c.request_id().to_owned())
+        .unwrap_or_default();
+    let order = app
+        .orders
+        .create(new.user_id, new.items, total_cents, request_id);
+    let created = OrderCreated {
+        order_id: order.id.clone(),
+        user_id: order.user_id.clone(),
+        items: order.items.clone(),
+        total_cents,
+    };
+    let event_id = format!("{}/{}", order.id, events::ORDER_CREATED);
+    if let Err(e) = app
+        .ctx
+        .publish(events::ORDER_CREATED, event_id, &created)
+        .await
+    {
+        // Nothing happened yet: forget the order so that a retry starts clean.
+        app.orders.remove(&order.id);
+        tracing::warn!(order_id = %order.id, error = %e, "order.created not published");
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the event bus is unavailable",
+        );
+    }
+    tracing::info!(order_id = %order.id, user_id = %order.user_id, total_cents, "order placed");
+    let location = format!("/orders/{}", order.id);
+    (
+        StatusCode::CREATED,
+        [(http::header::LOCATION, location)],
+        Json(order),
+    )
+        .into_response()
+}
+
+async fn read(State(app): State<AppState>, Path(id): Path<String>) -> Response {
+    match app.orders.get(&id) {
+        Some(order) => Json(order).into_response(),
+        None => problem(StatusCode::NOT_FOUND, &format!("no order {id}")),
+    }
+}
+
+async fn stats(State(app): State<AppState>) -> Response {
+    Json(app.orders.counts()).into_response()
+}
+
+async fn on_fact(orders: Orders, ctx: Context, event: Event) -> Result<(), HandlerError> {
+    let (order_id, fact) = match event.ty() {
+        events::INVENTORY_RESERVED => {
+            let d: InventoryReserved = event.data_as()?;
+            (d.order_id, Fact::InventoryReserved)
+        }
+        events::PAYMENT_COMPLETED => {
+            let d: PaymentCompleted = event.data_as()?;
+            (d.order_id, Fact::PaymentCompleted)
+        }
+        events::INVENTORY_REJECTED => {
+            let d: OrderRejected = event.data_as()?;
+            (d.order_id, Fact::InventoryRejected(d.reason))
+        }
+        events::PAYMENT_FAILED => {
+            let d: OrderRejected = event.data_as()?;
+            (d.order_id, Fact::PaymentFailed(d.reason))
+        }
+        other => return Err(format!("unexpected event type {other}").into()),
+    };
+    let Some(steps) = orders.apply(&order_id, &fact) else {
+        // Not ours (another process's orders, or a previous run on a durable bus).
+        tracing::warn!(%order_id, event = event.ty(), "event for an unknown order ignored");
+        return Ok(());
+    };
+    for step in steps {
+        let ty = step.status.event_type();
+        let id = format!("{order_id}/{ty}");
+        match &step.reason {
+            Some(reason) => {
+                let data = OrderRejected {
+                    order_id: order_id.clone(),
+                    reason: reason.clone(),
+                };
+                ctx.publish(ty, id, &data).await?;
+                tracing::info!(%order_id, status = ?step.status, %reason, "order {}", status_word(step.status));
+            }
+            None => {
+                let data = OrderRef {
+                    order_id: order_id.clone(),
+                };
+                ctx.publish(ty, id, &data).await?;
+                tracing::info!(%order_id, status = ?step.status, "order {}", status_word(step.status));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn status_word(status: Status) -> &'static str {
+    match status {
+        Status::Pending => "pending",
+        Status::InventoryConfirmed => "inventory_confirmed",
+        Status::PaymentConfirmed => "payment_confirmed",
+        Status::Confirmed => "confirmed",
+        Status::Cancelled => "cancelled",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order(orders: &Orders) -> String {
+        let items = vec![Item {
+            sku: "widget".into(),
+            qty: 1,
+        }];
+        orders.create("usr_1".into(), items, 250, "req".into()).id
+    }
+
+    fn statuses(steps: &[Step]) -> Vec<Status> {
+        steps.iter().map(|s| s.status).collect()
+    }
+
+    #[test]
+    fn happy_path_and_redelivery() {
+        let orders = Orders::default();
+        let id = order(&orders);
+        let s = orders.apply(&id, &Fact::InventoryReserved).unwrap();
+        assert_eq!(statuses(&s), [Status::InventoryConfirmed]);
+        let s = orders.apply(&id, &Fact::PaymentCompleted).unwrap();
+        assert_eq!(statuses(&s), [Status::PaymentConfirmed, Status::Confirmed]);
+        // Redelivery: no new step, the same steps to republish.
+        let again = orders.apply(&id, &Fact::PaymentCompleted).unwrap();
+        assert_eq!(again, s);
+        let o = orders.get(&id).unwrap();
+        assert_eq!(o.status, Status::Confirmed);
+        assert_eq!(o.history.len(), 4);
+    }
+
+    #[test]
+    fn payment_before_reservation_catches_up() {
+        let orders = Orders::default();
+        let id = order(&orders);
+        let s = orders
+            .apply(&id, &Fact::PaymentFailed("declined".into()))
+            .unwrap();
+        assert_eq!(
+            statuses(&s),
+            [Status::InventoryConfirmed, Status::Cancelled]
+        );
+        assert_eq!(s[1].reason.as_deref(), Some("declined"));
+        let late = orders.apply(&id, &Fact::InventoryReserved).unwrap();
+        assert!(late.is_empty());
+        assert_eq!(orders.get(&id).unwrap().status, Status::Cancelled);
+    }
+
+    #[test]
+    fn rejection_cancels_and_final_states_stay() {
+        let orders = Orders::default();
+        let id = order(&orders);
+        orders.apply(&id, &Fact::InventoryRejected("out of stock".into()));
+        orders.apply(&id, &Fact::PaymentCompleted);
+        assert_eq!(orders.get(&id).unwrap().status, Status::Cancelled);
+        assert!(
+            orders
+                .apply("ord_unknown", &Fact::InventoryReserved)
+                .is_none()
+        );
+    }
+}
