@@ -3,6 +3,7 @@
 //! # Layout
 //! - `main.rs`: argument parsing and dispatch; errors print their chain, one line each.
 //! - `bench.rs`: `switchboard bench ...`, the built-in benchmarks.
+//! - `demo.rs`: `switchboard demo`, the shop of `switchboard-shop` with its walkthrough.
 //! - `gateway.rs`, `check.rs`: `switchboard gateway` and `switchboard check` (gateway config).
 //! - `registry.rs`, `services.rs`: `switchboard registry` (standalone registry server) and
 //!   `switchboard services` (the table of services, instances and health).
@@ -11,6 +12,7 @@
 
 mod bench;
 mod check;
+mod demo;
 mod gateway;
 mod registry;
 mod services;
@@ -30,6 +32,8 @@ enum Command {
     /// Built-in benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Runs the demo shop: gateway, registry, bus and four services, with a walkthrough.
+    Demo(demo::DemoArgs),
     /// Validates a gateway config; errors name file, line, column and key.
     Check(check::CheckArgs),
     /// Runs the gateway (+ its registry) from a TOML config.
@@ -55,6 +59,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Check(args) => check::run(&args),
+        Command::Demo(args) => demo::run(args),
         Command::Gateway(args) => gateway::run(&args),
         Command::Registry(args) => registry::run(args),
         Command::Services(args) => services::run(args),

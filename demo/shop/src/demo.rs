@@ -18,11 +18,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use switchboard_bus::middleware::idempotency::{InboxStore, MemoryInbox, RedisInbox};
 use switchboard_bus::{Bus, SubscribeOptions};
-use switchboard_gateway::upstream::{Instance as GwInstance, InstanceList, InstanceStatus};
 use switchboard_gateway::{Config, GatewayBuilder, RunningGateway};
-use switchboard_registry::{Registry, RegistryOptions, Status};
+use switchboard_registry::{Registry, RegistryOptions};
 use switchboard_service::{IdempotencyStore, RunningService, ServiceBuilder};
-use tokio::sync::watch;
 
 use crate::inventory::{self, Inventory};
 use crate::orders::{self, Orders};
@@ -124,7 +122,6 @@ pub struct DemoHandle {
     data: ShopData,
     inboxes: HashMap<&'static str, Arc<dyn InboxStore>>,
     services: Vec<RunningService>,
-    bridges: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for DemoHandle {
@@ -185,7 +182,6 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoHandle> {
         data,
         inboxes,
         services: Vec::new(),
-        bridges: Vec::new(),
     };
     // Downstream first, so each service finds the ones it calls.
     for (_, name) in SERVICES {
@@ -297,16 +293,10 @@ impl DemoHandle {
         let toml = gateway_config(o);
         let config = Config::parse("demo.toml".as_ref(), &toml)
             .map_err(|e| anyhow::anyhow!("demo gateway config: {e}"))?;
-        let mut sources = HashMap::new();
-        for (_, name) in SERVICES {
-            let (tx, rx) = watch::channel(InstanceList::default());
-            self.bridges.push(tokio::spawn(follow_registry(
-                self.registry.clone(),
-                name,
-                tx,
-            )));
-            sources.insert(name.to_owned(), rx);
-        }
+        let sources = switchboard_gateway::discovery::registry_sources(
+            &self.registry,
+            SERVICES.iter().map(|(_, name)| (*name).to_owned()),
+        );
         let registry_api = switchboard_registry::http::router(
             self.registry.clone(),
             switchboard_registry::http::HttpOptions::default(),
@@ -329,9 +319,6 @@ impl DemoHandle {
         }
         for s in std::mem::take(&mut self.services) {
             s.shutdown().await;
-        }
-        for b in std::mem::take(&mut self.bridges) {
-            b.abort();
         }
         self.registry.shutdown().await;
     }
@@ -403,36 +390,4 @@ breaker = {{ failure_rate = 0.5, min_calls = 10, window = "10s", open_for = "10s
         inventory = inventory::SERVICE,
         payments = payments::SERVICE,
     )
-}
-
-/// Feeds the gateway `service`'s instances from the registry, on every change.
-async fn follow_registry(
-    registry: Registry,
-    service: &'static str,
-    tx: watch::Sender<InstanceList>,
-) {
-    let mut w = registry.watch(service);
-    let mut view = w.load();
-    loop {
-        let list: Vec<GwInstance> = view
-            .instances
-            .iter()
-            .filter_map(|i| {
-                Some(GwInstance {
-                    id: i.id.clone(),
-                    addr: i.socket_addr()?,
-                    status: match i.status {
-                        Status::Passing => InstanceStatus::Passing,
-                        Status::Warning => InstanceStatus::Warning,
-                        Status::Critical => InstanceStatus::Critical,
-                    },
-                })
-            })
-            .collect();
-        tx.send_replace(Arc::new(list));
-        match w.changed().await {
-            Some(v) => view = v,
-            None => return,
-        }
-    }
 }
