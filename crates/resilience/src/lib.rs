@@ -38,4 +38,7 @@
 mod clock;
 
 pub mod breaker;
+pub mod bulkhead;
+pub mod rate_limit;
 pub mod retry;
+pub mod timeout;
