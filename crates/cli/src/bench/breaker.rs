@@ -3,7 +3,13 @@
 //! Measures `try_acquire` + `record` on a closed breaker (one thread, then two
 //! threads sharing one breaker), the rejected path of an open breaker, and the
 //! closed path with a time window and with slow-call tracking (both read the
-//! clock). Each figure is the median of several rounds.
+//! clock), first with the precise clock and then with a `CoarseClock`
+//! running, next to a baseline from the same run: one uncontended atomic
+//! `fetch_add`.
+//!
+//! Each figure is the median over many short batches. Batches are kept short
+//! (about a millisecond) so that on a shared, busy machine most of them run
+//! without being preempted; a long batch would measure the scheduler instead.
 
 use anyhow::{Context, ensure};
 use clap::Args;
@@ -12,15 +18,16 @@ use std::time::{Duration, Instant};
 use switchboard_resilience::breaker::{
     Breaker, BreakerConfig, OpenDuration, Outcome, State, Window,
 };
+use switchboard_resilience::clock::CoarseClock;
 
 /// Options of `switchboard bench breaker`.
 #[derive(Debug, Args)]
 pub struct BreakerArgs {
-    /// Calls per round and per thread.
-    #[arg(long, default_value_t = 5_000_000)]
+    /// Calls per batch and per thread.
+    #[arg(long, default_value_t = 100_000)]
     iterations: u64,
-    /// Rounds per figure; the median is reported.
-    #[arg(long, default_value_t = 5)]
+    /// Batches per figure; the median is reported.
+    #[arg(long, default_value_t = 41)]
     rounds: usize,
     /// Print one JSON object as the last line.
     #[arg(long)]
@@ -33,6 +40,14 @@ fn closed_path(breaker: &Breaker, iterations: u64) {
             Ok(permit) => permit.record(black_box(Outcome::Success)),
             Err(_) => unreachable!("the breaker is closed"),
         }
+    }
+}
+
+static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn baseline_atomic(_: &Breaker, iterations: u64) {
+    for _ in 0..iterations {
+        black_box(COUNTER.fetch_add(1, std::sync::atomic::Ordering::AcqRel));
     }
 }
 
@@ -119,19 +134,32 @@ pub fn run(args: &BreakerArgs) -> anyhow::Result<()> {
     })?;
     let slow_tracking_ns = measure(&slow_tracking, 1, n, rounds, closed_path);
 
+    let atomic_ns = measure(&closed, 1, n, rounds, baseline_atomic);
+
+    let coarse = CoarseClock::start(Duration::from_millis(1)).context("coarse clock")?;
+    let open_coarse_ns = measure(&open, 1, n, rounds, open_path);
+    let time_window_coarse_ns = measure(&time_window, 1, n, rounds, closed_path);
+    let slow_tracking_coarse_ns = measure(&slow_tracking, 1, n, rounds, closed_path);
+    drop(coarse);
+
     let snapshot = closed.snapshot();
     ensure!(
         snapshot.failed_calls == 0 && closed.state() == State::Closed,
         "the closed-path breaker changed state during the bench"
     );
 
-    println!("circuit breaker, ns per call (median of {rounds} rounds of {n} calls per thread)");
+    println!("circuit breaker, ns per call (median of {rounds} batches of {n} calls per thread)");
     println!("  closed  try_acquire+record, 1 thread      {closed_ns:>8.1}");
     println!("  closed  try_acquire+record, 2 threads     {closed_2threads_ns:>8.1}");
     println!("  open    rejected, 1 thread                {open_ns:>8.1}");
     println!("  open    rejected, 2 threads               {open_2threads_ns:>8.1}");
     println!("  closed  time window (reads the clock)     {time_window_ns:>8.1}");
     println!("  closed  slow-call tracking (2 clock reads){slow_tracking_ns:>8.1}");
+    println!("  with a CoarseClock (1 ms) running:");
+    println!("  open    rejected, 1 thread                {open_coarse_ns:>8.1}");
+    println!("  closed  time window                       {time_window_coarse_ns:>8.1}");
+    println!("  closed  slow-call tracking                {slow_tracking_coarse_ns:>8.1}");
+    println!("  baseline: one atomic fetch_add            {atomic_ns:>8.1}");
     if args.json {
         let json = serde_json::json!({
             "closed_ns_per_call": round(closed_ns),
@@ -140,8 +168,12 @@ pub fn run(args: &BreakerArgs) -> anyhow::Result<()> {
             "open_2threads_ns_per_call": round(open_2threads_ns),
             "closed_time_window_ns_per_call": round(time_window_ns),
             "closed_slow_tracking_ns_per_call": round(slow_tracking_ns),
+            "coarse_clock_open_ns_per_call": round(open_coarse_ns),
+            "coarse_clock_closed_time_window_ns_per_call": round(time_window_coarse_ns),
+            "coarse_clock_closed_slow_tracking_ns_per_call": round(slow_tracking_coarse_ns),
+            "baseline_atomic_fetch_add_ns": round(atomic_ns),
             "iterations": n,
-            "rounds": rounds,
+            "batches": rounds,
         });
         println!("{json}");
     }

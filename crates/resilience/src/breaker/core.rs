@@ -330,6 +330,7 @@ impl OwnedPermit {
 }
 
 impl Drop for OwnedPermit {
+    #[inline]
     fn drop(&mut self) {
         if !self.ticket.done {
             self.inner.record(&self.ticket, Outcome::Ignored);
