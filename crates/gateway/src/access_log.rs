@@ -49,30 +49,132 @@ pub struct AccessLog {
     tx: Option<mpsc::Sender<AccessRecord>>,
 }
 
-/// A `MakeWriter` over a shared buffered writer, flushed by the log thread.
-#[derive(Clone)]
-struct Buffered(Arc<Mutex<std::io::BufWriter<std::io::Stdout>>>);
+/// A minimal `tracing` subscriber that writes each event as one JSON line
+/// into a buffer; the log thread flushes the buffer once per batch.
+///
+/// `tracing-subscriber`'s JSON formatter costs several microseconds per event
+/// (serde, span bookkeeping, per-event writes); at tens of thousands of
+/// requests per second that is a tenth of the gateway's CPU. This one formats
+/// straight into a reused buffer.
+pub struct JsonLines {
+    buf: Mutex<Vec<u8>>,
+}
 
-impl Write for &Buffered {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .map_err(|_| std::io::ErrorKind::Other)?
-            .write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0
-            .lock()
-            .map_err(|_| std::io::ErrorKind::Other)?
-            .flush()
+impl std::fmt::Debug for JsonLines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JsonLines").finish_non_exhaustive()
     }
 }
 
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Buffered {
-    type Writer = &'a Buffered;
-    fn make_writer(&'a self) -> Self::Writer {
-        self
+/// Writes `s` as the inside of a JSON string.
+struct Escape<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for Escape<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        for &b in s.as_bytes() {
+            match b {
+                b'"' => self.0.extend_from_slice(b"\\\""),
+                b'\\' => self.0.extend_from_slice(b"\\\\"),
+                b'\n' => self.0.extend_from_slice(b"\\n"),
+                b'\r' => self.0.extend_from_slice(b"\\r"),
+                b'\t' => self.0.extend_from_slice(b"\\t"),
+                0..=0x1f => {
+                    let _ = write!(self.0, "\\u{b:04x}");
+                }
+                _ => self.0.push(b),
+            }
+        }
+        Ok(())
     }
+}
+
+struct Fields<'a>(&'a mut Vec<u8>);
+
+impl Fields<'_> {
+    fn key(&mut self, name: &str) {
+        self.0.extend_from_slice(b",\"");
+        self.0.extend_from_slice(name.as_bytes());
+        self.0.extend_from_slice(b"\":");
+    }
+}
+
+impl tracing::field::Visit for Fields<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.key(field.name());
+        self.0.push(b'"');
+        let _ = std::fmt::Write::write_str(&mut Escape(self.0), value);
+        self.0.push(b'"');
+    }
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.key(field.name());
+        let _ = write!(self.0, "{value}");
+    }
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.key(field.name());
+        let _ = write!(self.0, "{value}");
+    }
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.key(field.name());
+        self.0
+            .extend_from_slice(if value { b"true" } else { b"false" });
+    }
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.key(field.name());
+        self.0.push(b'"');
+        let _ = std::fmt::Write::write_fmt(&mut Escape(self.0), format_args!("{value:?}"));
+        self.0.push(b'"');
+    }
+}
+
+impl JsonLines {
+    /// An empty buffer.
+    pub fn new() -> Self {
+        Self {
+            buf: Mutex::new(Vec::with_capacity(64 * 1024)),
+        }
+    }
+
+    /// Takes what was written so far.
+    pub fn take(&self) -> Vec<u8> {
+        self.buf
+            .lock()
+            .map(|mut b| std::mem::take(&mut *b))
+            .unwrap_or_default()
+    }
+}
+
+impl Default for JsonLines {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl tracing::Subscriber for JsonLines {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let Ok(mut buf) = self.buf.lock() else {
+            return;
+        };
+        let meta = event.metadata();
+        let now = humantime::format_rfc3339_millis(std::time::SystemTime::now());
+        let _ = write!(
+            buf,
+            "{{\"timestamp\":\"{now}\",\"level\":\"{}\",\"target\":\"{}\"",
+            meta.level(),
+            meta.target()
+        );
+        event.record(&mut Fields(&mut buf));
+        buf.extend_from_slice(b"}\n");
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
 }
 
 impl AccessLog {
@@ -88,18 +190,8 @@ impl AccessLog {
         let (dispatch, buffer) = match dispatch {
             Some(d) => (d, None),
             None => {
-                let buf = Buffered(Arc::new(Mutex::new(std::io::BufWriter::with_capacity(
-                    64 * 1024,
-                    std::io::stdout(),
-                ))));
-                let sub = tracing_subscriber::fmt()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(false)
-                    .with_span_list(false)
-                    .with_writer(buf.clone())
-                    .finish();
-                (Dispatch::new(sub), Some(buf))
+                let lines = Arc::new(JsonLines::new());
+                (Dispatch::new(Arc::clone(&lines)), Some(lines))
             }
         };
         std::thread::Builder::new()
@@ -120,7 +212,7 @@ fn run(
     rx: &mpsc::Receiver<AccessRecord>,
     labels: &[RouteLabels],
     dispatch: &Dispatch,
-    buffer: Option<&Buffered>,
+    buffer: Option<&Arc<JsonLines>>,
 ) {
     loop {
         let mut wrote = false;
@@ -141,7 +233,10 @@ fn run(
             }
         });
         if wrote && let Some(b) = buffer {
-            let _ = (&*b).flush();
+            let bytes = b.take();
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&bytes);
+            let _ = out.flush();
         }
         if disconnected {
             return;
@@ -167,9 +262,49 @@ fn emit(rec: &AccessRecord, labels: &[RouteLabels]) {
         service,
         instance,
         status = rec.status,
-        duration_ms = rec.duration.as_secs_f64() * 1e3,
+        duration_us = rec.duration.as_micros() as u64,
         attempts = rec.attempts,
         complete = rec.complete,
         "request"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_lines_escape_and_parse() {
+        let lines = Arc::new(JsonLines::new());
+        let dispatch = Dispatch::new(Arc::clone(&lines));
+        let labels = vec![RouteLabels {
+            route: "/a\"b".into(),
+            service: "svc".into(),
+        }];
+        tracing::dispatcher::with_default(&dispatch, || {
+            emit(
+                &AccessRecord {
+                    request_id: HeaderValue::from_static("id\\with\"quotes"),
+                    method: Method::POST,
+                    route: Some(0),
+                    instance: Some("127.0.0.1:80".parse().unwrap()),
+                    status: 502,
+                    duration: Duration::from_micros(1234),
+                    attempts: 2,
+                    complete: true,
+                },
+                &labels,
+            );
+        });
+        let text = String::from_utf8(lines.take()).unwrap();
+        assert!(text.ends_with('\n'));
+        let v: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        assert_eq!(v["request_id"], "id\\with\"quotes");
+        assert_eq!(v["route"], "/a\"b");
+        assert_eq!(v["instance"], "127.0.0.1:80");
+        assert_eq!(v["status"], 502);
+        assert_eq!(v["duration_us"], 1234);
+        assert_eq!(v["attempts"], 2);
+        assert_eq!(v["target"], TARGET);
+    }
 }

@@ -336,16 +336,31 @@ pub enum RunError {
     InsecureAdmin(SocketAddr),
 }
 
-/// Runs the gateway with its registry (embedded, or shared through the
-/// configured Redis store) until `shutdown` resolves, then drains and returns.
+/// A gateway started together with its registry by [`start`].
+#[derive(Debug)]
+pub struct WithRegistry {
+    /// The proxy and admin listeners.
+    pub gateway: RunningGateway,
+    /// The registry (embedded, or a view of the shared Redis store).
+    pub registry: switchboard_registry::Registry,
+}
+
+impl WithRegistry {
+    /// Drains the gateway, then stops the registry's checks.
+    pub async fn shutdown(self) {
+        self.gateway.shutdown().await;
+        self.registry.shutdown().await;
+    }
+}
+
+/// Starts the gateway with its registry (embedded, or shared through the
+/// configured Redis store).
 ///
 /// The static `[[services]]` are registered in the registry with their health
-/// checks; the registry API is served on the admin listener; breaker outcomes
-/// are reported to the registry as passive health.
-pub async fn run(
-    config: Config,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), RunError> {
+/// checks; the registry API is served on the admin listener (and merged into
+/// `/openapi.json` and `/metrics`); failed attempts are reported to the
+/// registry as passive health.
+pub async fn start(config: Config) -> Result<WithRegistry, RunError> {
     use switchboard_registry::http::{self as reg_http, HttpOptions};
     use switchboard_registry::{PassiveOutcome, Registry, RegistryOptions};
 
@@ -363,7 +378,7 @@ pub async fn run(
     }
     let reporter = registry.clone();
     let metrics_registry = registry.clone();
-    let running = GatewayBuilder::new(config)
+    let gateway = GatewayBuilder::new(config)
         .sources(sources)
         .admin_extra(
             reg_http::router(registry.clone(), opts),
@@ -380,9 +395,18 @@ pub async fn run(
         .extra_metrics(Arc::new(move || reg_http::metrics_text(&metrics_registry)))
         .start()
         .await?;
+    Ok(WithRegistry { gateway, registry })
+}
+
+/// [`start`], then serve until `shutdown` resolves; then stop accepting, drain
+/// in-flight requests (up to `gateway.drain_timeout`) and return.
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), RunError> {
+    let running = start(config).await?;
     shutdown.await;
     tracing::info!("shutting down: draining in-flight requests");
     running.shutdown().await;
-    registry.shutdown().await;
     Ok(())
 }

@@ -78,13 +78,15 @@ pub struct PoolConfig {
     pub max_idle: usize,
 }
 
-/// Takes an idle connection to `addr`, if one is usable.
-pub fn take_idle(addr: SocketAddr, cfg: &PoolConfig) -> Option<Conn> {
+/// Takes an idle connection to `addr`, if one is usable. `now` is the
+/// request's start (saves a clock read per request).
+pub fn take_idle(addr: SocketAddr, cfg: &PoolConfig, now: Instant) -> Option<Conn> {
     IDLE.with(|m| {
         let mut m = m.borrow_mut();
         let list = m.get_mut(&addr)?;
         while let Some(idle) = list.pop() {
-            if idle.conn.is_closed() || idle.since.elapsed() > cfg.idle_timeout {
+            if idle.conn.is_closed() || now.saturating_duration_since(idle.since) > cfg.idle_timeout
+            {
                 continue;
             }
             return Some(idle.conn);
@@ -93,8 +95,9 @@ pub fn take_idle(addr: SocketAddr, cfg: &PoolConfig) -> Option<Conn> {
     })
 }
 
-/// Returns a connection whose last response was read to the end.
-pub fn put_idle(addr: SocketAddr, conn: Conn, cfg: &PoolConfig) {
+/// Returns a connection whose last response was read to the end; `since`
+/// is a recent instant (the request's start will do).
+pub fn put_idle(addr: SocketAddr, conn: Conn, cfg: &PoolConfig, since: Instant) {
     if conn.is_closed() {
         return;
     }
@@ -102,10 +105,7 @@ pub fn put_idle(addr: SocketAddr, conn: Conn, cfg: &PoolConfig) {
         let mut m = m.borrow_mut();
         let list = m.entry(addr).or_default();
         if list.len() < cfg.max_idle {
-            list.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
+            list.push(Idle { conn, since });
         }
     });
 }

@@ -91,7 +91,7 @@ impl Finish {
         if let Some(u) = &self.upstream {
             u.outstanding.fetch_sub(1, Relaxed);
             if complete && let Some(c) = self.conn {
-                pool::put_idle(u.addr, c, &self.gw.pool);
+                pool::put_idle(u.addr, c, &self.gw.pool, self.start);
             }
         }
         self.gw.metrics.request(self.route, self.status, duration);
@@ -415,11 +415,17 @@ impl Gateway {
             pending_response = None;
             let more_after = attempt < max_attempts;
             let replayable = body.as_ref().is_some_and(|b| b.try_clone().is_some());
-            let attempt_deadline = deadline.min(tokio::time::Instant::now() + cfg.attempt_timeout);
+            // The first attempt starts with the request: no clock read.
+            let attempt_start = if attempt == 1 {
+                tokio::time::Instant::from_std(start)
+            } else {
+                tokio::time::Instant::now()
+            };
+            let attempt_deadline = deadline.min(attempt_start + cfg.attempt_timeout);
             u.outstanding.fetch_add(1, Relaxed);
 
             // Connect (or reuse). Nothing is sent before this succeeds.
-            let conn = match pool::take_idle(u.addr, &self.pool) {
+            let conn = match pool::take_idle(u.addr, &self.pool, start) {
                 Some(c) => Ok(c),
                 None => {
                     match timeout_at(attempt_deadline, pool::connect(u.addr, cfg.connect_timeout))

@@ -282,7 +282,7 @@ async fn admin_endpoints_and_access_log() {
     assert_eq!(v["instance"], b.addr.to_string());
     assert_eq!(v["status"], 200);
     assert_eq!(v["attempts"], 1);
-    assert!(v["duration_ms"].as_f64().unwrap() >= 0.0);
+    assert!(v["duration_us"].as_u64().is_some());
     gw.shutdown().await;
 }
 
