@@ -168,12 +168,45 @@ impl Store {
 
 pub(crate) struct Inner {
     pub(crate) opts: RegistryOptions,
-    slots: ArcSwap<HashMap<String, Arc<Slot>>>,
+    slots: ArcSwap<SlotMap>,
     slots_write: Mutex<()>,
     index: AtomicU64,
     generation: AtomicU64,
     pub(crate) store: Store,
     pub(crate) cancel: CancellationToken,
+}
+
+/// Service name -> slot. Hashed with a small multiplicative hash: the lookup is
+/// on the gateway's request path and names are short, validated, and only
+/// added by registrations and watches.
+type SlotMap = HashMap<String, Arc<Slot>, std::hash::BuildHasherDefault<NameHasher>>;
+
+/// FxHash (rustc's hasher): a word at a time, rotate-xor-multiply.
+#[derive(Default, Clone, Copy)]
+struct NameHasher(u64);
+
+impl std::hash::Hasher for NameHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0xf135_7aea_2e62_a9c5;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(K);
+        }
+        let mut tail = [0u8; 8];
+        let rest = chunks.remainder();
+        tail[..rest.len()].copy_from_slice(rest);
+        self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(tail) ^ (rest.len() as u64) << 56)
+            .wrapping_mul(K);
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.0 = (self.0.rotate_left(5) ^ u64::from(i)).wrapping_mul(0xf135_7aea_2e62_a9c5);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 pub(crate) struct Slot {
@@ -263,7 +296,7 @@ impl Registry {
         let cancel = CancellationToken::new();
         let inner = Arc::new(Inner {
             opts,
-            slots: ArcSwap::from_pointee(HashMap::new()),
+            slots: ArcSwap::from_pointee(SlotMap::default()),
             slots_write: Mutex::new(()),
             index: AtomicU64::new(0),
             generation: AtomicU64::new(0),
@@ -535,7 +568,7 @@ impl Inner {
             view: Arc::new(ArcSwap::from_pointee(ServiceView::default())),
             tx: watch::Sender::new(0),
         });
-        let mut next = HashMap::clone(&current);
+        let mut next = SlotMap::clone(&current);
         next.insert(service.to_owned(), Arc::clone(&slot));
         self.slots.store(Arc::new(next));
         slot
