@@ -390,13 +390,26 @@ impl RedisStore {
     }
 
     async fn read_service(&self, service: &str) -> Result<BTreeMap<String, Record>, RegistryError> {
-        let (regs, statuses): (HashMap<String, String>, HashMap<String, String>) = bounded(
+        // The epoch is read in the same transaction: a read from a Redis that lost
+        // its data (and was not restored yet) must not empty the mirror.
+        let (epoch, regs, statuses): (
+            Option<String>,
+            HashMap<String, String>,
+            HashMap<String, String>,
+        ) = bounded(
             redis::pipe()
+                .atomic()
+                .get(self.k_epoch())
                 .hgetall(self.k_svc(service))
                 .hgetall(self.k_status(service))
                 .query_async(&mut self.conn()),
         )
         .await?;
+        if epoch != *self.epoch.lock() {
+            return Err(RegistryError::Store(
+                "redis epoch changed (data lost?); waiting for the full resync".into(),
+            ));
+        }
         let mut out = BTreeMap::new();
         for (id, json) in regs {
             let stored: Stored = match serde_json::from_str(&json) {
@@ -462,7 +475,7 @@ impl RedisStore {
         } else {
             bounded(self.conn().get(self.k_epoch())).await?
         };
-        let previous = std::mem::replace(&mut *self.epoch.lock(), current.clone());
+        let previous = self.epoch.lock().clone();
         // A different epoch than the one we saw means Redis lost its data since
         // (whoever noticed first created a new one); every process restores what it knows.
         if previous.is_some() && previous != current {
@@ -483,6 +496,8 @@ impl RedisStore {
                 );
             }
         }
+        // Only now: a restore that failed half-way is retried by the next resync.
+        *self.epoch.lock() = current;
         let names: Vec<String> = bounded(self.conn().smembers(self.k_services())).await?;
         let mut all: Vec<String> = inner.slot_names();
         all.extend(names);
