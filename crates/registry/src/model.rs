@@ -330,7 +330,9 @@ pub struct Instance {
     pub tags: Vec<String>,
     /// Metadata.
     pub metadata: BTreeMap<String, String>,
-    /// When the last active check completed (RFC 3339), if any.
+    /// When the last active check completed (RFC 3339), if any. In a lock-free
+    /// [`ServiceView`] this is as of the view's last change (views are not rebuilt
+    /// on every check); [`crate::Registry::snapshot`] and the HTTP API give the latest.
     #[serde(serialize_with = "ser_time")]
     pub last_check: Option<SystemTime>,
     #[serde(skip)]

@@ -51,6 +51,9 @@ pub enum RegistryError {
     Store(String),
 }
 
+/// Services without instances that [`Registry::watch`] still creates a slot for.
+pub const MAX_WATCHED_SERVICES: usize = 10_000;
+
 /// Tuning of a [`Registry`]. Every field has a production-safe default.
 #[derive(Clone)]
 #[non_exhaustive]
@@ -174,6 +177,8 @@ pub(crate) struct Inner {
     generation: AtomicU64,
     pub(crate) store: Store,
     pub(crate) cancel: CancellationToken,
+    /// What watches of unknown services get once [`MAX_WATCHED_SERVICES`] is reached.
+    detached: Slot,
 }
 
 /// Service name -> slot. Hashed with a small multiplicative hash: the lookup is
@@ -214,6 +219,17 @@ pub(crate) struct Slot {
     state: Mutex<ServiceState>,
     view: Arc<ArcSwap<ServiceView>>,
     tx: watch::Sender<u64>,
+}
+
+impl Slot {
+    fn new(name: &str) -> Self {
+        Slot {
+            name: name.to_owned(),
+            state: Mutex::new(ServiceState::default()),
+            view: Arc::new(ArcSwap::from_pointee(ServiceView::default())),
+            tx: watch::Sender::new(0),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -302,6 +318,7 @@ impl Registry {
             generation: AtomicU64::new(0),
             store,
             cancel: cancel.clone(),
+            detached: Slot::new(""),
         });
         Registry {
             inner,
@@ -371,12 +388,15 @@ impl Registry {
             let mut state = slot.state.lock();
             let entry = state.instances.get_mut(id).ok_or_else(not_found)?;
             entry.last_heartbeat = Instant::now();
-            entry.wake.notify_one();
             match &entry.reg.check {
                 Some(CheckSpec {
                     kind: CheckKind::Ttl { ttl },
                     ..
-                }) => Some(*ttl),
+                }) => {
+                    // Only a TTL checker cares; waking an HTTP checker would probe early.
+                    entry.wake.notify_one();
+                    Some(*ttl)
+                }
                 _ => None,
             }
         };
@@ -485,8 +505,20 @@ impl Registry {
     }
 
     /// Watches a service (registered or not yet): a lock-free snapshot plus change notifications.
+    ///
+    /// Watching a service that was never registered creates an empty slot for it,
+    /// up to [`MAX_WATCHED_SERVICES`]; past that, such a watch is detached (it
+    /// stays empty), so unauthenticated blocking queries cannot grow memory without bound.
     pub fn watch(&self, service: &str) -> ServiceWatch {
-        let slot = self.inner.slot(service);
+        let slot = match self.inner.existing_slot(service) {
+            Some(slot) => slot,
+            None if self.inner.slots.load().len() >= MAX_WATCHED_SERVICES => {
+                // One shared, never-changing empty slot; its sender lives with the registry.
+                let detached = &self.inner.detached;
+                return ServiceWatch::new(Arc::clone(&detached.view), detached.tx.subscribe());
+            }
+            None => self.inner.slot(service),
+        };
         ServiceWatch::new(Arc::clone(&slot.view), slot.tx.subscribe())
     }
 
@@ -562,12 +594,7 @@ impl Inner {
         if let Some(slot) = current.get(service) {
             return Arc::clone(slot);
         }
-        let slot = Arc::new(Slot {
-            name: service.to_owned(),
-            state: Mutex::new(ServiceState::default()),
-            view: Arc::new(ArcSwap::from_pointee(ServiceView::default())),
-            tx: watch::Sender::new(0),
-        });
+        let slot = Arc::new(Slot::new(service));
         let mut next = SlotMap::clone(&current);
         next.insert(service.to_owned(), Arc::clone(&slot));
         self.slots.store(Arc::new(next));
