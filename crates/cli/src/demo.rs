@@ -14,8 +14,8 @@ pub struct DemoArgs {
     /// Registry store: memory:// or redis://HOST:PORT (share it to spread the shop over processes).
     #[arg(long, default_value = "memory://")]
     store: String,
-    /// Run only this service (users, orders, inventory or payments), two
-    /// instances, without the gateway, against the shared --store and --bus.
+    /// Run only this part: users, orders, inventory or payments (two instances,
+    /// no gateway), or gateway; against a shared --store and --bus (redis://...).
     #[arg(long, value_name = "SERVICE")]
     only: Option<String>,
 }
@@ -68,8 +68,8 @@ fn walkthrough(shop: &DemoHandle, options: &DemoOptions) -> String {
     let (Some(gw), Some(admin)) = (shop.gateway_addr(), shop.admin_addr()) else {
         let _ = writeln!(
             out,
-            "\nThis process runs only the service above; start the others (and a gateway) \
-             against the same --store and --bus. Ctrl-C stops it."
+            "\nThis process runs only the service above. Start the other services and the \
+             gateway (--only gateway) with the same --store and --bus. Ctrl-C stops it."
         );
         return out;
     };

@@ -47,7 +47,9 @@ pub struct DemoOptions {
     /// Registry store URL (`memory://` or `redis://HOST:PORT`).
     pub store: String,
     /// Run only this service (short name: `users`, `orders`, `inventory`,
-    /// `payments`) and no gateway, against a shared store and bus.
+    /// `payments`), or only the gateway (`gateway`), against a shared store
+    /// and bus (neither may be `memory://`). Run each service in one process:
+    /// its instances share their data in memory.
     pub only: Option<String>,
     /// Instances per service.
     pub instances: usize,
@@ -147,10 +149,21 @@ fn service_name(short: &str) -> anyhow::Result<&'static str> {
 }
 
 /// Starts the shop: the registry (store `options.store`), the bus, the services
-/// and, unless `options.only` is set, the gateway with the registry API on its
+/// and, unless `options.only` names a service, the gateway with the registry API on its
 /// admin listener. Returns once everything listens and is registered.
 pub async fn run(options: DemoOptions) -> anyhow::Result<DemoHandle> {
-    let only = options.only.as_deref().map(service_name).transpose()?;
+    let gateway_only = options.only.as_deref() == Some("gateway");
+    let only = match options.only.as_deref() {
+        None | Some("gateway") => None,
+        Some(s) => Some(service_name(s)?),
+    };
+    if options.only.is_some() {
+        anyhow::ensure!(
+            !options.store.starts_with("memory://") && !options.bus.starts_with("memory://"),
+            "--only runs part of the shop: the others must share its registry store and bus, \
+             so give both as redis://HOST:PORT (or the bus as nats://HOST:PORT)"
+        );
+    }
     let registry = Registry::open(&options.store, RegistryOptions::default())
         .await
         .with_context(|| format!("open the registry store {}", options.store))?;
@@ -185,7 +198,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoHandle> {
     };
     // Downstream first, so each service finds the ones it calls.
     for (_, name) in SERVICES {
-        if only.is_none_or(|o| o == name) {
+        if !gateway_only && only.is_none_or(|o| o == name) {
             handle.start(name).await?;
         }
     }

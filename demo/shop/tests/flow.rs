@@ -229,3 +229,21 @@ async fn the_request_id_reaches_every_event_and_every_service_log() {
     }
     shop.shutdown().await;
 }
+
+#[tokio::test]
+async fn only_needs_a_shared_store_and_bus() {
+    for only in ["payments", "gateway"] {
+        let options = DemoOptions {
+            only: Some(only.into()),
+            ..DemoOptions::for_tests()
+        };
+        let err = run(options).await.unwrap_err().to_string();
+        assert!(err.contains("--only"), "{err}");
+    }
+    let options = DemoOptions {
+        only: Some("shipping".into()),
+        ..DemoOptions::for_tests()
+    };
+    let err = run(options).await.unwrap_err().to_string();
+    assert!(err.contains("unknown service"), "{err}");
+}
