@@ -47,6 +47,16 @@ fn lookup(c: &mut Criterion) {
     c.bench_function("watch.peek().passing", |b| {
         b.iter(|| black_box(watch.peek().passing.len()));
     });
+    // What the gateway calls after every successful request (passive health).
+    c.bench_function("registry.report(Success)", |b| {
+        b.iter(|| {
+            registry.report(
+                black_box("service-500"),
+                black_box("i3"),
+                switchboard_registry::PassiveOutcome::Success,
+            );
+        });
+    });
     // Concurrent readers do not contend: measure one reader while another thread reads too.
     let other = watch.clone();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -219,11 +219,33 @@ pub(crate) struct Slot {
     state: Mutex<ServiceState>,
     view: Arc<ArcSwap<ServiceView>>,
     tx: watch::Sender<u64>,
+    /// Entries whose passive failure count is above zero.
+    failing: std::sync::atomic::AtomicUsize,
 }
 
 impl Slot {
+    /// Sets an entry's passive failure count, keeping `failing` in step (call with the state locked).
+    fn set_failures(&self, entry: &mut Entry, n: u32) {
+        match (entry.passive_failures > 0, n > 0) {
+            (false, true) => {
+                self.failing.fetch_add(1, Ordering::AcqRel);
+            }
+            (true, false) => {
+                self.failing.fetch_sub(1, Ordering::AcqRel);
+            }
+            _ => {}
+        }
+        entry.passive_failures = n;
+    }
+
+    /// Forgets a removed entry's failures (call with the state locked).
+    fn forget(&self, entry: &mut Entry) {
+        self.set_failures(entry, 0);
+    }
+
     fn new(name: &str) -> Self {
         Slot {
+            failing: std::sync::atomic::AtomicUsize::new(0),
             name: name.to_owned(),
             state: Mutex::new(ServiceState::default()),
             view: Arc::new(ArcSwap::from_pointee(ServiceView::default())),
@@ -434,20 +456,25 @@ impl Registry {
         let Some(slot) = self.inner.existing_slot(service) else {
             return;
         };
+        // The common case on the gateway's request path: a success while nothing in
+        // the service has failed recently. Answered without taking the lock.
+        if outcome == PassiveOutcome::Success && slot.failing.load(Ordering::Acquire) == 0 {
+            return;
+        }
         let mut state = slot.state.lock();
         let Some(entry) = state.instances.get_mut(id) else {
             return;
         };
         match outcome {
-            PassiveOutcome::Success => entry.passive_failures = 0,
+            PassiveOutcome::Success => slot.set_failures(entry, 0),
             PassiveOutcome::Failure => {
-                entry.passive_failures = entry.passive_failures.saturating_add(1);
+                slot.set_failures(entry, entry.passive_failures.saturating_add(1));
                 let now = Instant::now();
                 let ejected = entry.ejected_until.is_some_and(|u| u > now);
                 if entry.passive_failures >= self.inner.opts.passive_failures && !ejected {
                     let until = now + self.inner.opts.passive_ejection;
                     entry.ejected_until = Some(until);
-                    entry.passive_failures = 0;
+                    slot.set_failures(entry, 0);
                     entry.wake.notify_one();
                     tracing::info!(service, id, "instance suspected by passive failures");
                     self.inner.rebuild(&slot, &state);
@@ -686,6 +713,9 @@ impl Inner {
             ));
             AbortOnDrop(handle.abort_handle())
         });
+        if let Some(mut old) = state.instances.remove(id) {
+            slot.forget(&mut old);
+        }
         state.instances.insert(
             id.to_owned(),
             Entry {
@@ -711,7 +741,9 @@ impl Inner {
             .get(id)
             .is_some_and(|e| generation.is_none_or(|g| g == e.generation));
         if matches {
-            state.instances.remove(id);
+            if let Some(mut old) = state.instances.remove(id) {
+                slot.forget(&mut old);
+            }
             self.rebuild(slot, &state);
         }
         matches
