@@ -103,3 +103,47 @@ proptest! {
         }
     }
 }
+
+/// The same bodies through the HTTP router: only 200 or a 400 problem naming a field, never a 500.
+#[test]
+fn http_answers_every_body_with_200_or_400() {
+    use switchboard_registry::http::{HttpOptions, router};
+    use switchboard_registry::{Registry, RegistryOptions};
+    use tower::ServiceExt as _;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let app = rt.block_on(async {
+        let registry = Registry::open("memory://", RegistryOptions::default())
+            .await
+            .unwrap();
+        router(registry, HttpOptions::default())
+    });
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(300));
+    runner
+        .run(
+            &(arb_json(), "[a-z0-9-]{1,8}|[A-Z_.%]{1,4}"),
+            |(body, name)| {
+                let req = axum::http::Request::put(format!("/v1/services/{name}/instances/i1"))
+                    .header("content-type", "application/json")
+                    .body(axum::body::Body::from(body.to_string()))
+                    .unwrap();
+                let resp = rt.block_on(app.clone().oneshot(req)).unwrap();
+                let status = resp.status().as_u16();
+                prop_assert!(status == 200 || status == 400, "status {}", status);
+                if status == 400 {
+                    let bytes = rt
+                        .block_on(http_body_util::BodyExt::collect(resp.into_body()))
+                        .unwrap()
+                        .to_bytes();
+                    let problem: Value = serde_json::from_slice(&bytes).unwrap();
+                    prop_assert!(problem["field"].as_str().is_some_and(|f| !f.is_empty()));
+                    prop_assert_eq!(&problem["status"], &json!(400));
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+}
