@@ -19,6 +19,11 @@ mod services;
 
 use clap::{Parser, Subcommand};
 
+// The gateway's request path makes many small, short-lived allocations;
+// mimalloc serves them markedly faster than glibc's allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Switchboard: an API gateway, a service registry and an event bus for microservices.
 #[derive(Debug, Parser)]
 #[command(name = "switchboard", version, about, propagate_version = true)]

@@ -44,9 +44,19 @@ pub struct AccessRecord {
 }
 
 /// Handle to the log thread; cheap to clone into request state.
+///
+/// Records are batched per worker thread (64 at a time, or whatever is left
+/// when the worker calls [`AccessLog::flush_local`]) so the channel is touched
+/// once per batch, not once per request.
 #[derive(Debug, Clone)]
 pub struct AccessLog {
-    tx: Option<mpsc::Sender<AccessRecord>>,
+    tx: Option<mpsc::Sender<Vec<AccessRecord>>>,
+}
+
+const BATCH: usize = 64;
+
+thread_local! {
+    static LOCAL: std::cell::RefCell<Vec<AccessRecord>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A minimal `tracing` subscriber that writes each event as one JSON line
@@ -71,7 +81,12 @@ struct Escape<'a>(&'a mut Vec<u8>);
 
 impl std::fmt::Write for Escape<'_> {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        for &b in s.as_bytes() {
+        let bytes = s.as_bytes();
+        if !bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\') {
+            self.0.extend_from_slice(bytes);
+            return Ok(());
+        }
+        for &b in bytes {
             match b {
                 b'"' => self.0.extend_from_slice(b"\\\""),
                 b'\\' => self.0.extend_from_slice(b"\\\\"),
@@ -141,6 +156,17 @@ impl JsonLines {
             .map(|mut b| std::mem::take(&mut *b))
             .unwrap_or_default()
     }
+
+    /// Writes what was buffered to `out` and empties the buffer, keeping its
+    /// capacity.
+    pub fn drain_to(&self, out: &mut impl Write) -> std::io::Result<()> {
+        let Ok(mut b) = self.buf.lock() else {
+            return Ok(());
+        };
+        let r = out.write_all(&b).and_then(|()| out.flush());
+        b.clear();
+        r
+    }
 }
 
 impl Default for JsonLines {
@@ -186,7 +212,7 @@ impl AccessLog {
     /// Starts the log thread. `dispatch` receives the events; `None` writes
     /// JSON lines to stdout, buffered.
     pub fn spawn(labels: Vec<RouteLabels>, dispatch: Option<Dispatch>) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::channel::<AccessRecord>();
+        let (tx, rx) = mpsc::channel::<Vec<AccessRecord>>();
         let (dispatch, buffer) = match dispatch {
             Some(d) => (d, None),
             None => {
@@ -202,14 +228,38 @@ impl AccessLog {
 
     /// Queues one record; never blocks.
     pub fn log(&self, rec: AccessRecord) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(rec);
-        }
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        LOCAL.with(|l| {
+            let mut l = l.borrow_mut();
+            if l.capacity() == 0 {
+                l.reserve_exact(BATCH);
+            }
+            l.push(rec);
+            if l.len() >= BATCH {
+                let batch = std::mem::replace(&mut *l, Vec::with_capacity(BATCH));
+                let _ = tx.send(batch);
+            }
+        });
+    }
+
+    /// Sends this thread's pending records (workers call it a few times a second).
+    pub fn flush_local(&self) {
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        LOCAL.with(|l| {
+            let mut l = l.borrow_mut();
+            if !l.is_empty() {
+                let _ = tx.send(std::mem::take(&mut *l));
+            }
+        });
     }
 }
 
 fn run(
-    rx: &mpsc::Receiver<AccessRecord>,
+    rx: &mpsc::Receiver<Vec<AccessRecord>>,
     labels: &[RouteLabels],
     dispatch: &Dispatch,
     buffer: Option<&Arc<JsonLines>>,
@@ -220,8 +270,10 @@ fn run(
         tracing::dispatcher::with_default(dispatch, || {
             loop {
                 match rx.try_recv() {
-                    Ok(rec) => {
-                        emit(&rec, labels);
+                    Ok(batch) => {
+                        for rec in &batch {
+                            emit(rec, labels);
+                        }
                         wrote = true;
                     }
                     Err(mpsc::TryRecvError::Empty) => break,
@@ -233,10 +285,7 @@ fn run(
             }
         });
         if wrote && let Some(b) = buffer {
-            let bytes = b.take();
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(&bytes);
-            let _ = out.flush();
+            let _ = b.drain_to(&mut std::io::stdout().lock());
         }
         if disconnected {
             return;

@@ -73,9 +73,34 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// `x-forwarded-proto` and `x-forwarded-host` (from the client's Host).
 pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<HeaderValue>) {
     let mut buf = [0u8; 64];
-    let mut cur = std::io::Cursor::new(&mut buf[..]);
-    let _ = write!(cur, "{client}");
-    let n = cur.position() as usize;
+    let n = match client {
+        // The common case without core::fmt.
+        IpAddr::V4(v4) => {
+            let mut n = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[n] = b'.';
+                    n += 1;
+                }
+                if octet >= 100 {
+                    buf[n] = b'0' + octet / 100;
+                    n += 1;
+                }
+                if octet >= 10 {
+                    buf[n] = b'0' + (octet / 10) % 10;
+                    n += 1;
+                }
+                buf[n] = b'0' + octet % 10;
+                n += 1;
+            }
+            n
+        }
+        IpAddr::V6(_) => {
+            let mut cur = std::io::Cursor::new(&mut buf[..]);
+            let _ = write!(cur, "{client}");
+            cur.position() as usize
+        }
+    };
     let ip = &buf[..n];
     let value = match headers.get(&X_FORWARDED_FOR) {
         Some(prev) => {
@@ -133,6 +158,11 @@ mod tests {
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1");
         set_forwarded(&mut h, "::1".parse().unwrap(), None);
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, ::1");
+        for ip in ["0.0.0.0", "255.255.255.255", "192.168.10.9", "100.20.3.0"] {
+            let mut h = HeaderMap::new();
+            set_forwarded(&mut h, ip.parse().unwrap(), None);
+            assert_eq!(h[&X_FORWARDED_FOR], ip);
+        }
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
         assert!(!h.contains_key(&X_FORWARDED_HOST));
     }

@@ -265,6 +265,11 @@ impl GatewayBuilder {
                 })
                 .await;
         });
+        // Breakers read a clock refreshed every 10 ms instead of the OS clock
+        // on every request.
+        let coarse_clock =
+            switchboard_resilience::clock::CoarseClock::start(std::time::Duration::from_millis(10))
+                .ok();
         tracing::info!(%listen, admin = %admin_addr, workers, "gateway listening");
         Ok(RunningGateway {
             gw,
@@ -274,6 +279,7 @@ impl GatewayBuilder {
             shutdown: shutdown_tx,
             threads,
             admin_task,
+            _coarse_clock: coarse_clock,
         })
     }
 }
@@ -288,6 +294,7 @@ pub struct RunningGateway {
     shutdown: watch::Sender<bool>,
     threads: Vec<std::thread::JoinHandle<()>>,
     admin_task: tokio::task::JoinHandle<()>,
+    _coarse_clock: Option<switchboard_resilience::clock::CoarseClock>,
 }
 
 impl RunningGateway {

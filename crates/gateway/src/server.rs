@@ -105,6 +105,8 @@ async fn worker(
         // The upstream's Date is forwarded; skipping our own saves a clock
         // read per response.
         .auto_date_header(false)
+        // Small responses: one flattened write beats a two-buffer writev.
+        .writev(false)
         .header_read_timeout(settings.header_read_timeout)
         .max_headers(settings.max_headers)
         .max_header_size(settings.max_header_bytes)
@@ -112,6 +114,8 @@ async fn worker(
     let builder = Arc::new(builder);
     let tracker = TaskTracker::new();
     let mut sweep = tokio::time::interval(Duration::from_secs(15));
+    // Access-log records are batched per worker; push out stragglers.
+    let mut log_flush = tokio::time::interval(Duration::from_millis(50));
     loop {
         tokio::select! {
             biased;
@@ -132,6 +136,7 @@ async fn worker(
                 }
             },
             _ = sweep.tick() => pool::sweep(&gw.pool),
+            _ = log_flush.tick() => gw.access.flush_local(),
         }
     }
     drop(listener);
