@@ -141,10 +141,19 @@ async fn worker(
     }
     drop(listener);
     tracker.close();
-    if tokio::time::timeout(settings.drain_timeout, tracker.wait())
+    let drained = async {
+        loop {
+            tokio::select! {
+                () = tracker.wait() => break,
+                _ = log_flush.tick() => gw.access.flush_local(),
+            }
+        }
+    };
+    let timed_out = tokio::time::timeout(settings.drain_timeout, drained)
         .await
-        .is_err()
-    {
+        .is_err();
+    gw.access.flush_local();
+    if timed_out {
         tracing::warn!(
             connections = tracker.len(),
             "drain deadline passed; closing remaining connections"
