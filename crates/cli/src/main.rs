@@ -3,6 +3,7 @@
 //! # Layout
 //! - `main.rs`: argument parsing and dispatch; errors print their chain, one line each.
 //! - `bench.rs`: `switchboard bench ...`, the built-in benchmarks.
+//! - `events.rs`: `switchboard events publish|tail|dlq`, the event bus by hand.
 //! - `demo.rs`: `switchboard demo`, the shop of `switchboard-shop` with its walkthrough.
 //! - `gateway.rs`, `check.rs`: `switchboard gateway` and `switchboard check` (gateway config).
 //! - `registry.rs`, `services.rs`: `switchboard registry` (standalone registry server) and
@@ -13,6 +14,7 @@
 mod bench;
 mod check;
 mod demo;
+mod events;
 mod gateway;
 mod registry;
 mod services;
@@ -37,6 +39,8 @@ enum Command {
     /// Built-in benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Operates the event bus: publish, tail, dead letters.
+    Events(events::EventsArgs),
     /// Runs the demo shop: gateway, registry, bus and four services, with a walkthrough.
     Demo(demo::DemoArgs),
     /// Validates a gateway config; errors name file, line, column and key.
@@ -63,6 +67,7 @@ fn main() -> std::process::ExitCode {
     init_tracing();
     let result = match cli.command {
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Events(args) => events::run(args),
         Command::Check(args) => check::run(&args),
         Command::Demo(args) => demo::run(args),
         Command::Gateway(args) => gateway::run(&args),

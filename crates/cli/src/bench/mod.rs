@@ -1,6 +1,7 @@
 //! `switchboard bench ...`: built-in benchmarks, one file each.
 
 mod breaker;
+mod bus;
 
 use clap::Subcommand;
 
@@ -9,11 +10,14 @@ use clap::Subcommand;
 pub enum BenchCommand {
     /// Circuit breaker: ns per call on the closed and open paths, one and two threads.
     Breaker(breaker::BreakerArgs),
+    /// Event bus: end-to-end events/s (publish -> handled -> acked) and publish p50/p99.
+    Bus(bus::BusArgs),
 }
 
 /// Runs one benchmark.
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Breaker(args) => breaker::run(&args),
+        BenchCommand::Bus(args) => bus::run(args),
     }
 }
