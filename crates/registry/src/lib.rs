@@ -37,6 +37,23 @@
 //! - [`client`]: [`RegistryClient`] (register, heartbeat, deregister on shutdown) and
 //!   [`RemoteDiscovery`] (watch a remote registry over blocking queries).
 //!
+//! # API at a glance
+//! - [`Registry::open`]`(store_url, `[`RegistryOptions`]`)`: `memory://` or `redis://HOST:PORT`;
+//!   `Clone` (an `Arc` inside); background tasks stop with the last clone or [`Registry::shutdown`].
+//! - [`Registry::register`]`(service, id, `[`Registration`]`)`, [`Registry::heartbeat`],
+//!   [`Registry::deregister`], [`Registry::services`] (summaries), [`Registry::snapshot`].
+//! - [`Registry::watch`]`(service) -> `[`ServiceWatch`]: [`ServiceWatch::load`] /
+//!   [`ServiceWatch::peek`] read the current `Arc<`[`ServiceView`]`>` lock-free;
+//!   [`ServiceWatch::changed`] waits for the next change; [`Registry::view`] looks a
+//!   service up by name (slower: a hash lookup; hold a watch on hot paths).
+//! - [`Registry::report`]`(service, id, `[`PassiveOutcome`]`)`: passive health from callers;
+//!   a success while nothing failed is lock-free.
+//! - [`http::router`]`(registry, `[`http::HttpOptions`]`)` for an admin listener,
+//!   [`http::openapi`] to merge into a larger document, [`http::metrics_text`],
+//!   [`http::bind`] + [`http::serve`] for the standalone server.
+//! - [`RegistryClient`] / [`Membership`] for services joining a remote registry;
+//!   [`Discovery`] is implemented by [`Registry`] and [`RemoteDiscovery`].
+//!
 //! # Semantics
 //! - **Status.** `passing`, `warning` (HTTP 429) or `critical`. An instance with an
 //!   HTTP or TCP check starts `critical` and becomes `passing` on its first
