@@ -267,3 +267,44 @@ async fn redis_that_lost_its_data_is_restored_from_the_processes() {
     }
     assert_eq!(a.view("stock").unwrap().instances.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_query_on_one_server_sees_a_write_through_another() {
+    let Some(redis) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    let a = open(&redis.url()).await;
+    let b = open(&redis.url()).await;
+    let opts = switchboard_registry::http::HttpOptions::default();
+    let listener = switchboard_registry::http::bind("127.0.0.1:0".parse().unwrap(), &opts)
+        .await
+        .unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(switchboard_registry::http::serve(
+        listener,
+        b.clone(),
+        opts,
+        std::future::pending(),
+    ));
+    let client = switchboard_registry::RegistryClient::new(&base).unwrap();
+    let first = client.service("pay", None, Duration::ZERO).await.unwrap();
+    let query = tokio::spawn(async move {
+        let v = client
+            .service("pay", Some(first.index), Duration::from_secs(10))
+            .await
+            .unwrap();
+        (v, Instant::now())
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let written = Instant::now();
+    a.register("pay", "p1", Registration::new("127.0.0.1", 7001))
+        .await
+        .unwrap();
+    let (view, answered) = query.await.unwrap();
+    assert_eq!(view.instances[0].id, "p1");
+    assert!(
+        answered - written < Duration::from_secs(1),
+        "took {:?}",
+        answered - written
+    );
+}
