@@ -374,7 +374,10 @@ impl Breaker {
         let word = CLOSED | (1 << KIND_BITS);
         let window = match config.window {
             Window::Count(size) => WindowImpl::Count(CountWindow::new(size, epoch(word))),
-            Window::Time(d) => WindowImpl::Time(TimeWindow::new(duration_nanos(d))),
+            Window::Time(d) => WindowImpl::Time(TimeWindow::new(
+                duration_nanos(d),
+                config.slow_call_duration.is_some(),
+            )),
         };
         let slow_nanos = config.slow_call_duration.map_or(0, duration_nanos);
         let resolved = Resolved {

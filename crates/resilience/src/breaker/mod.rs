@@ -20,8 +20,25 @@
 //! - [`Breaker::call`] wraps a future, and [`CircuitBreakerLayer`] wraps a tower service.
 //!
 //! [`KeyedBreakers`] keeps one breaker per key (per upstream instance) in
-//! bounded memory. [`Breaker::snapshot`] and [`Breaker::subscribe`] feed
-//! metrics and dashboards.
+//! bounded memory. [`Breaker::snapshot`] and [`Breaker::subscribe`] (or a
+//! listener passed to [`Breaker::with_listener`]) feed metrics, dashboards and
+//! passive health checks.
+//!
+//! # Concurrency and cost
+//! Nothing on the call path locks. `try_acquire` on a closed breaker is one
+//! atomic load; `record` on a count window is, for a healthy upstream, two
+//! more loads and no write, and otherwise one compare-and-swap to claim a ring
+//! slot, one swap, and one compare-and-swap on the packed counters. Half-open
+//! probes are handed out by compare-and-swap on a packed word, so no more than
+//! `half_open_probes` are ever out at once. State changes go through one
+//! mutex, taken only by the thread that saw the reason for the change. Every
+//! change starts a new epoch; a verdict from a permit of an earlier epoch is
+//! dropped, so outcomes never leak into a window they do not belong to.
+//!
+//! The clock is read only where time matters: with a time-based window or
+//! slow-call tracking (on each call), and when an open breaker rejects. A
+//! process doing that per request can start a
+//! [`CoarseClock`](crate::clock::CoarseClock) to make those reads one atomic load.
 //!
 //! ```
 //! use std::time::Duration;

@@ -212,15 +212,18 @@ pub(crate) struct TimeWindow {
     /// The bucket number (time / width) the buckets currently end at.
     current: AtomicU64,
     rollover: Mutex<()>,
+    /// Whether slow calls are recorded at all (if not, summing skips them).
+    track_slow: bool,
 }
 
 impl TimeWindow {
-    pub(crate) fn new(window_nanos: u64) -> Self {
+    pub(crate) fn new(window_nanos: u64, track_slow: bool) -> Self {
         Self {
             width: (window_nanos / BUCKETS).max(1),
             buckets: (0..BUCKETS).map(|_| Bucket::default()).collect(),
             current: AtomicU64::new(0),
             rollover: Mutex::new(()),
+            track_slow,
         }
     }
 
@@ -285,7 +288,9 @@ impl TimeWindow {
             let cf = bucket.calls_failed.load(Ordering::Acquire);
             counts.calls += cf & 0xFFFF_FFFF;
             counts.failed += cf >> 32;
-            counts.slow += bucket.slow.load(Ordering::Acquire);
+            if self.track_slow {
+                counts.slow += bucket.slow.load(Ordering::Acquire);
+            }
         }
         counts
     }
@@ -367,7 +372,7 @@ mod tests {
 
     #[test]
     fn time_window_expires_whole_buckets() {
-        let w = TimeWindow::new(1_000);
+        let w = TimeWindow::new(1_000, true);
         w.record(0, true, false);
         w.record(150, false, true);
         assert_eq!(
