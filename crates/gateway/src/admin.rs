@@ -187,7 +187,7 @@ async fn breakers(State(s): State<AdminState>) -> impl IntoResponse {
                 "failed_calls": b.failed_calls,
                 "failure_rate": b.failure_rate,
                 "retry_after_ms": b.retry_after.map(|d| d.as_millis() as u64),
-                "outstanding": u.outstanding.load(Relaxed),
+                "outstanding": u.outstanding.total(),
             }));
         }
     }

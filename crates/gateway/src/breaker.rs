@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchboard_resilience::breaker::{
-    Breaker, BreakerConfig, OpenDuration, Outcome, OwnedPermit, Snapshot, State, Window,
+    Breaker, BreakerConfig, OpenDuration, Outcome, Snapshot, State, Window,
 };
 
 use crate::config::RawBreaker;
@@ -38,9 +38,9 @@ pub struct InstanceBreaker {
 
 /// Leave to make one call; report its outcome with [`Permit::record`].
 #[derive(Debug)]
-pub struct Permit(OwnedPermit);
+pub struct Permit<'a>(switchboard_resilience::breaker::Permit<'a>);
 
-impl Permit {
+impl Permit<'_> {
     /// Reports whether the call succeeded.
     pub fn record(self, ok: bool) {
         self.0.record(if ok {
@@ -81,9 +81,9 @@ impl InstanceBreaker {
     }
 
     /// Asks leave for a call; when refused, how long until it may be admitted.
-    pub fn try_acquire(&self) -> Result<Permit, Duration> {
+    pub fn try_acquire(&self) -> Result<Permit<'_>, Duration> {
         self.inner
-            .try_acquire_owned()
+            .try_acquire()
             .map(Permit)
             .map_err(|open| open.retry_after)
     }

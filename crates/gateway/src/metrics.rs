@@ -18,7 +18,8 @@ const BUCKETS_US: [u64; 14] = [
     500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
     2_500_000, 5_000_000, 10_000_000,
 ];
-const SHARDS: usize = 4;
+/// Number of per-thread shards of counters.
+pub const SHARDS: usize = 4;
 
 /// Outcome of one upstream attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +99,9 @@ thread_local! {
 }
 static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
 
-fn shard() -> usize {
+/// This thread's shard: threads get 0, 1, 2, ... in order of first use,
+/// so the gateway's workers each have their own.
+pub fn shard() -> usize {
     SHARD.with(|s| {
         let v = s.get();
         if v != usize::MAX {

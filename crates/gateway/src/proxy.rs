@@ -89,7 +89,7 @@ impl Finish {
     pub(crate) fn done(self, complete: bool) {
         let duration = self.start.elapsed();
         if let Some(u) = &self.upstream {
-            u.outstanding.fetch_sub(1, Relaxed);
+            u.outstanding.dec();
             if complete && let Some(c) = self.conn {
                 pool::put_idle(u.addr, c, &self.gw.pool, self.start);
             }
@@ -375,11 +375,12 @@ impl Gateway {
         let mut body = Some(body);
         let mut last: Option<(Problem, String)> = None;
         let mut pending_response: Option<Response<Incoming>> = None;
+        let mut lost_races = 0;
         loop {
             fin.attempts += 1;
             let attempt = fin.attempts;
             let upstream = match state.upstreams.pick(tried.as_slice()) {
-                Pick::Instance(u, permit) => (u, permit),
+                Pick::Instance(u) => u,
                 Pick::NoneHealthy => {
                     if let Some(res) = pending_response.take() {
                         fin.attempts -= 1;
@@ -410,8 +411,26 @@ impl Gateway {
                     return self.problem(fin, Problem::BreakerOpen, &d, Some(after));
                 }
             };
-            let (u, permit) = upstream;
+            let u = upstream;
             tried.push(u.addr);
+            // The permit borrows the instance (no reference count touched);
+            // losing it to a concurrent request (a half-open probe slot) means
+            // picking again.
+            let permit = match u.breaker.try_acquire() {
+                Ok(p) => p,
+                Err(after) => {
+                    fin.attempts -= 1;
+                    lost_races += 1;
+                    if lost_races > 8 {
+                        let d = format!(
+                            "every instance of service `{}` is ejected by its circuit breaker",
+                            cfg.service
+                        );
+                        return self.problem(fin, Problem::BreakerOpen, &d, Some(after));
+                    }
+                    continue;
+                }
+            };
             pending_response = None;
             let more_after = attempt < max_attempts;
             let replayable = body.as_ref().is_some_and(|b| b.try_clone().is_some());
@@ -422,7 +441,7 @@ impl Gateway {
                 tokio::time::Instant::now()
             };
             let attempt_deadline = deadline.min(attempt_start + cfg.attempt_timeout);
-            u.outstanding.fetch_add(1, Relaxed);
+            u.outstanding.inc();
 
             // Connect (or reuse). Nothing is sent before this succeeds.
             let conn = match pool::take_idle(u.addr, &self.pool, start) {
@@ -487,7 +506,7 @@ impl Gateway {
                             .may_retry(route.index, state, attempt, cfg, deadline, false)
                             .await
                     {
-                        u.outstanding.fetch_sub(1, Relaxed);
+                        u.outstanding.dec();
                         // Kept in case no other instance can be tried.
                         pending_response = Some(res);
                         drop(conn);
@@ -498,7 +517,7 @@ impl Gateway {
                     return self.respond(fin, res);
                 }
                 Err(failure) => {
-                    u.outstanding.fetch_sub(1, Relaxed);
+                    u.outstanding.dec();
                     permit.record(false);
                     self.passive(&cfg.service, &u, false);
                     let (outcome, p, detail) = match failure {

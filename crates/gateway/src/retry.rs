@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use crate::correlation::random_u64;
 
 const WINDOW: Duration = Duration::from_secs(10);
-const SHARDS: usize = 4;
+use crate::metrics::SHARDS;
 
 /// True for methods RFC 9110 defines as idempotent.
 pub fn is_idempotent(m: &Method) -> bool {
@@ -62,10 +62,6 @@ pub struct Budget {
     ledger: Mutex<Ledger>,
 }
 
-thread_local! {
-    static SHARD: usize = (random_u64() as usize) % SHARDS;
-}
-
 impl Budget {
     /// Retries may add `percent`% of requests plus `min_per_second` per second.
     pub fn new(percent: u32, min_per_second: u32) -> Self {
@@ -82,7 +78,9 @@ impl Budget {
 
     /// Counts one request.
     pub fn deposit(&self) {
-        SHARD.with(|&s| self.requests[s].0.fetch_add(1, Relaxed));
+        self.requests[crate::metrics::shard()]
+            .0
+            .fetch_add(1, Relaxed);
     }
 
     fn requests(&self) -> u64 {

@@ -67,12 +67,42 @@ pub struct Upstream {
     pub addr: SocketAddr,
     /// `Host` header sent to it.
     pub host: HeaderValue,
-    /// Requests in flight (P2C load signal).
-    pub outstanding: AtomicU32,
+    /// Requests in flight (P2C load signal), counted per worker thread like
+    /// Envoy's per-worker balancers, so workers never share the cache line.
+    pub outstanding: Load,
     /// Its circuit breaker.
     pub breaker: InstanceBreaker,
     /// A failure was reported to passive health and no success since.
     pub suspect: AtomicBool,
+}
+
+#[repr(align(128))]
+#[derive(Debug, Default)]
+struct Slot(AtomicU32);
+
+/// In-flight requests of one instance, one counter per worker shard.
+#[derive(Debug, Default)]
+pub struct Load {
+    slots: [Slot; crate::metrics::SHARDS],
+}
+
+impl Load {
+    /// One more request from this thread.
+    pub fn inc(&self) {
+        self.slots[crate::metrics::shard()].0.fetch_add(1, Relaxed);
+    }
+    /// One request from this thread finished.
+    pub fn dec(&self) {
+        self.slots[crate::metrics::shard()].0.fetch_sub(1, Relaxed);
+    }
+    /// This thread's count.
+    pub fn local(&self) -> u32 {
+        self.slots[crate::metrics::shard()].0.load(Relaxed)
+    }
+    /// All threads' count.
+    pub fn total(&self) -> u32 {
+        self.slots.iter().map(|s| s.0.load(Relaxed)).sum()
+    }
 }
 
 /// An immutable view of a route's usable instances.
@@ -87,8 +117,9 @@ pub struct Upstreams {
 /// The balancer's answer.
 #[derive(Debug)]
 pub enum Pick {
-    /// Use this instance (its breaker admitted the call).
-    Instance(Arc<Upstream>, crate::breaker::Permit),
+    /// Use this instance (its breaker admitted a call a moment ago; the
+    /// caller asks for its own permit).
+    Instance(Arc<Upstream>),
     /// There is no passing instance (or all were tried).
     NoneHealthy,
     /// Every candidate's breaker is open; retry after this long.
@@ -134,7 +165,7 @@ impl RouteUpstreams {
                             addr: i.addr,
                             host: HeaderValue::from_str(&i.addr.to_string())
                                 .unwrap_or(HeaderValue::from_static("upstream")),
-                            outstanding: AtomicU32::new(0),
+                            outstanding: Load::default(),
                             breaker: InstanceBreaker::new(&self.breaker, i, on_breaker_change),
                             suspect: AtomicBool::new(false),
                         })
@@ -167,7 +198,7 @@ impl RouteUpstreams {
                 let (ua, ub) = (&list[a], &list[b]);
                 match (usable(ua), usable(ub)) {
                     (true, true) => {
-                        if ub.outstanding.load(Relaxed) < ua.outstanding.load(Relaxed) {
+                        if ub.outstanding.local() < ua.outstanding.local() {
                             b
                         } else {
                             a
@@ -190,7 +221,8 @@ impl RouteUpstreams {
             }
             any_untried = true;
             match u.breaker.try_acquire() {
-                Ok(permit) => return Pick::Instance(Arc::clone(u), permit),
+                // Dropping the permit frees it (a half-open probe slot too).
+                Ok(_permit) => return Pick::Instance(Arc::clone(u)),
                 Err(after) => soonest = Some(soonest.map_or(after, |s| s.min(after))),
             }
         }
