@@ -26,7 +26,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
-use switchboard_registry::{PassiveOutcome, Registry, ServiceWatch};
+use switchboard_registry::{Discovery, PassiveOutcome, ServiceWatch};
 use switchboard_resilience::breaker::{BreakerConfig, KeyedBreakers, Outcome, Window};
 
 use crate::correlation::Correlation;
@@ -183,7 +183,7 @@ impl RetryBudget {
 struct InFlight(AtomicUsize);
 
 struct Inner {
-    registry: Option<Registry>,
+    discovery: Option<Arc<dyn Discovery>>,
     http: HyperClient<HttpConnector, Full<Bytes>>,
     watches: Mutex<HashMap<String, ServiceWatch>>,
     in_flight: Mutex<HashMap<String, Arc<InFlight>>>,
@@ -226,12 +226,13 @@ enum Attempt {
 }
 
 impl Client {
-    /// A client discovering services in `registry` (None: every call fails with
-    /// [`CallError::NoRegistry`]).
+    /// A client discovering services through `discovery`: an in-process
+    /// `Registry` (memory or Redis store) or a `RemoteDiscovery` of a registry
+    /// server (None: every call fails with [`CallError::NoRegistry`]).
     ///
     /// # Panics
     /// If `config.breaker` is invalid.
-    pub fn new(registry: Option<Registry>, config: ClientConfig) -> Self {
+    pub fn new(discovery: Option<Arc<dyn Discovery>>, config: ClientConfig) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.attempt_timeout));
@@ -242,7 +243,7 @@ impl Client {
             .expect("ClientConfig::breaker must be a valid breaker config");
         Self {
             inner: Arc::new(Inner {
-                registry,
+                discovery,
                 http,
                 watches: Mutex::default(),
                 in_flight: Mutex::default(),
@@ -323,11 +324,11 @@ impl Client {
     }
 
     fn watch(&self, service: &str) -> Option<Arc<switchboard_registry::ServiceView>> {
-        let registry = self.inner.registry.as_ref()?;
+        let discovery = self.inner.discovery.as_ref()?;
         let mut watches = self.inner.watches.lock();
         let watch = watches
             .entry(service.to_owned())
-            .or_insert_with(|| registry.watch(service));
+            .or_insert_with(|| discovery.watch(service));
         Some(watch.load())
     }
 
@@ -442,13 +443,13 @@ impl Client {
         .await;
         counter.0.fetch_sub(1, Ordering::Relaxed);
         let report = |ok: bool| {
-            if let Some(registry) = &self.inner.registry {
+            if let Some(discovery) = &self.inner.discovery {
                 let outcome = if ok {
                     PassiveOutcome::Success
                 } else {
                     PassiveOutcome::Failure
                 };
-                registry.report(service, &instance.id, outcome);
+                discovery.report(service, &instance.id, outcome);
             }
         };
         match sent {

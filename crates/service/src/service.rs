@@ -10,7 +10,8 @@ use axum::routing::get;
 use serde::Serialize;
 use switchboard_bus::middleware::idempotency::{Idempotent, InboxStore, MemoryInbox};
 use switchboard_bus::{Bus, Event, EventBuilder, HandlerError, SubscribeOptions, Subscription};
-use switchboard_registry::{CheckSpec, Registration, Registry, RegistryOptions};
+use switchboard_registry::client::{ClientError, Membership, RegistryClient, RemoteDiscovery};
+use switchboard_registry::{CheckSpec, Discovery, Registration, Registry, RegistryOptions};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +35,9 @@ pub enum ServiceError {
     /// The registry refused or failed.
     #[error("registry: {0}")]
     Registry(#[from] switchboard_registry::RegistryError),
+    /// The remote registry (`http://`) refused or failed.
+    #[error("remote registry: {0}")]
+    RemoteRegistry(#[from] ClientError),
     /// The bus refused or failed.
     #[error("bus: {0}")]
     Bus(#[from] switchboard_bus::BusError),
@@ -169,8 +173,9 @@ impl ServiceBuilder {
         self
     }
 
-    /// Uses the registry store at `url` (`memory://` or `redis://HOST:PORT`);
-    /// processes sharing a Redis store share the registry.
+    /// Uses the registry at `url`: a registry server (`http://HOST:PORT`, e.g.
+    /// `switchboard registry`), joined over its HTTP API; or a store opened in
+    /// this process (`memory://`, or `redis://HOST:PORT`, which processes share).
     pub fn registry_url(mut self, url: impl Into<String>) -> Self {
         self.registry = Some(Source::Url(url.into()));
         self
@@ -263,8 +268,13 @@ impl ServiceBuilder {
                 &uuid::Uuid::new_v4().simple().to_string()[..8]
             )
         });
+        let mut remote = None;
         let registry = match self.registry {
             Some(Source::Handle(r)) => Some(r),
+            Some(Source::Url(url)) if url.starts_with("http://") => {
+                remote = Some(RegistryClient::new(&url)?);
+                None
+            }
             Some(Source::Url(url)) => Some(Registry::open(&url, RegistryOptions::default()).await?),
             None => None,
         };
@@ -276,7 +286,12 @@ impl ServiceBuilder {
         if !self.handlers.is_empty() && bus.is_none() {
             return Err(ServiceError::NoBus(self.name));
         }
-        let client = Client::new(registry.clone(), self.client);
+        let discovery: Option<Arc<dyn Discovery>> = match (&registry, &remote) {
+            (Some(r), _) => Some(Arc::new(r.clone())),
+            (None, Some(c)) => Some(Arc::new(RemoteDiscovery::new(c.clone()))),
+            (None, None) => None,
+        };
+        let client = Client::new(discovery, self.client);
         let ctx = Context {
             inner: Arc::new(ContextInner {
                 source: format!("/{}", self.name),
@@ -348,6 +363,15 @@ impl ServiceBuilder {
         for tag in self.tags {
             registration = registration.tag(tag);
         }
+        let mut membership = None;
+        if let Some(remote) = &remote {
+            // The membership heartbeats (re-registering when forgotten) until left.
+            membership = Some(
+                remote
+                    .join(&self.name, &instance_id, registration.clone())
+                    .await?,
+            );
+        }
         let heartbeat = match &registry {
             Some(registry) => {
                 registry
@@ -370,6 +394,7 @@ impl ServiceBuilder {
             ctx,
             addr,
             registry,
+            membership,
             stop,
             server: Some(server),
             heartbeat,
@@ -593,6 +618,7 @@ pub struct RunningService {
     ctx: Context,
     addr: SocketAddr,
     registry: Option<Registry>,
+    membership: Option<Membership>,
     stop: CancellationToken,
     server: Option<JoinHandle<()>>,
     heartbeat: Option<JoinHandle<()>>,
@@ -625,11 +651,19 @@ impl RunningService {
     /// HTTP requests finish and closes the listener.
     pub async fn shutdown(mut self) {
         self.stop.cancel();
-        if let Some(registry) = &self.registry {
-            let (name, id) = (self.ctx.name(), self.ctx.instance_id());
-            if let Err(error) = registry.deregister(name, id).await {
-                tracing::warn!(service = %name, %id, %error, "deregistration failed");
-            }
+        let (name, id) = (
+            self.ctx.name().to_owned(),
+            self.ctx.instance_id().to_owned(),
+        );
+        if let Some(registry) = &self.registry
+            && let Err(error) = registry.deregister(&name, &id).await
+        {
+            tracing::warn!(service = %name, %id, %error, "deregistration failed");
+        }
+        if let Some(membership) = self.membership.take()
+            && let Err(error) = membership.leave().await
+        {
+            tracing::warn!(service = %name, %id, %error, "deregistration failed");
         }
         for sub in std::mem::take(&mut self.subscriptions) {
             sub.shutdown().await;
@@ -645,6 +679,8 @@ impl RunningService {
 
     /// Stops like a crash: no deregistration, in-flight events unacknowledged
     /// (the bus redelivers them), connections dropped. For tests and demos.
+    /// (With an `http://` registry the membership still deregisters, best
+    /// effort, as the registry client does when dropped.)
     pub fn kill(mut self) {
         for sub in std::mem::take(&mut self.subscriptions) {
             drop(sub);

@@ -1,5 +1,6 @@
 //! The service builder and the client on real sockets with an in-process registry.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -88,7 +89,7 @@ async fn safe_calls_retry_on_another_instance_and_the_breaker_opens() {
         Registry::memory(RegistryOptions::default().passive(1000, Duration::from_secs(1)));
     let _bad = instance(&registry, "echo-bad", false).await;
     let _good = instance(&registry, "echo-good", true).await;
-    let client = Client::new(Some(registry.clone()), ClientConfig::default());
+    let client = Client::new(Some(Arc::new(registry.clone())), ClientConfig::default());
     for _ in 0..40 {
         let res = client.send("echo", get_req("/flaky")).await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);
@@ -113,7 +114,7 @@ async fn unsafe_calls_retry_only_with_an_idempotency_key() {
     config.breaker.min_calls = 50;
     config.breaker.window = switchboard_resilience::breaker::Window::Count(50);
     config.breaker.failure_rate = 1.0;
-    let client = Client::new(Some(registry.clone()), config);
+    let client = Client::new(Some(Arc::new(registry.clone())), config);
     let mut failed = 0;
     for _ in 0..20 {
         let req = Request::post("/flaky").body(Bytes::new()).unwrap();
@@ -137,7 +138,7 @@ async fn unsafe_calls_retry_only_with_an_idempotency_key() {
 async fn calls_carry_the_current_correlation_and_unknown_services_fail_fast() {
     let registry = Registry::memory(RegistryOptions::default());
     let _a = instance(&registry, "echo-a", true).await;
-    let client = Client::new(Some(registry.clone()), ClientConfig::default());
+    let client = Client::new(Some(Arc::new(registry.clone())), ClientConfig::default());
     let tp = TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
     let c = Correlation::new("req-7", tp);
     let res = c
@@ -154,4 +155,47 @@ async fn calls_carry_the_current_correlation_and_unknown_services_fail_fast() {
         matches!(err, switchboard_service::CallError::NoHealthyInstance(ref s) if s == "nobody"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_a_registry_server_over_http_and_calls_through_it() {
+    let registry = Registry::memory(RegistryOptions::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(switchboard_registry::http::serve(
+        listener,
+        registry.clone(),
+        switchboard_registry::http::HttpOptions::default(),
+        std::future::pending(),
+    ));
+    let echo = Service::builder("echo")
+        .instance_id("echo-remote")
+        .registry_url(&url)
+        .router(Router::new().route("/flaky", get(|| async { "remote" })))
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(registry.view("echo").unwrap().passing.len(), 1);
+    let caller = Service::builder("caller")
+        .registry_url(&url)
+        .start()
+        .await
+        .unwrap();
+    let client = caller.context().client().clone();
+    // The remote view arrives through a blocking query; give it a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let body = loop {
+        match client.send("echo", get_req("/flaky")).await {
+            Ok(res) => break res.into_body(),
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "{e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!(body, "remote");
+    echo.shutdown().await;
+    assert!(registry.view("echo").unwrap().instances.is_empty());
+    caller.shutdown().await;
+    server.abort();
 }
