@@ -28,7 +28,7 @@ pub enum ClientError {
     #[error("invalid registry url {0:?}: expected http://HOST:PORT")]
     InvalidUrl(String),
     /// The request did not complete (connect, timeout, decoding).
-    #[error("registry request failed: {0}")]
+    #[error("registry request failed")]
     Transport(#[from] reqwest::Error),
     /// The registry answered with an error status; `detail` is from its problem document.
     #[error("registry answered {status}: {detail}")]

@@ -940,6 +940,9 @@ async fn check_loop(
     }
 }
 
+/// How often a check's time is written to a shared store when its status did not change.
+const SHARE_LAST_CHECK_EVERY: Duration = Duration::from_secs(5);
+
 /// How long a non-owner waits before trying to take a check over: half an
 /// interval, so a dead owner's checks move within two intervals.
 fn retry_after(interval: Duration) -> Duration {
@@ -973,6 +976,7 @@ async fn active_loop(
     let mut probe = inner.opts.prober.probe(&target);
     let mut health: Option<HealthState> = None;
     let mut critical_since: Option<Instant> = None;
+    let mut last_shared: Option<Instant> = None;
     tokio::select! {
         () = tokio::time::sleep(jitter(&slot.name, id, spec.interval)) => {}
         () = wake.notified() => {}
@@ -1014,7 +1018,19 @@ async fn active_loop(
                     health.set_status(before);
                 }
             }
-            None => inner.touch(slot, id, generation, now),
+            None => {
+                inner.touch(slot, id, generation, now);
+                // Shared store: let the other processes see recent check times too,
+                // at most every few seconds per instance.
+                if let Store::Redis(store) = &inner.store
+                    && last_shared.is_none_or(|t: Instant| t.elapsed() >= SHARE_LAST_CHECK_EVERY)
+                {
+                    last_shared = Some(Instant::now());
+                    let _ = store
+                        .touch(&slot.name, id, generation, health.status(), now)
+                        .await;
+                }
+            }
         }
         if health.status() == Status::Critical {
             let since = *critical_since.get_or_insert_with(Instant::now);

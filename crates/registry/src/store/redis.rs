@@ -164,7 +164,7 @@ impl RedisStore {
                   local last = ARGV[4]
                   if last == '' then last = string.match(cur, '[^|]*|[^|]*|(.*)') or '' end
                   redis.call('HSET', KEYS[1], ARGV[1], gen .. ARGV[3] .. '|' .. last)
-                  redis.call('PUBLISH', KEYS[2], ARGV[5])
+                  if ARGV[6] == '1' then redis.call('PUBLISH', KEYS[2], ARGV[5]) end
                   return 1",
             ),
             delete_script: redis::Script::new(
@@ -319,7 +319,31 @@ impl RedisStore {
             .arg(generation.to_string())
             .arg(status.as_str())
             .arg(at.map(millis).map(|m| m.to_string()).unwrap_or_default())
-            .arg(service);
+            .arg(service)
+            .arg("1");
+        let _: i64 = bounded(inv.invoke_async(&mut self.conn())).await?;
+        Ok(())
+    }
+
+    /// Records the time of the latest check without announcing a change: the
+    /// other processes pick it up with their next resync (it is not a change of the view).
+    pub(crate) async fn touch(
+        &self,
+        service: &str,
+        id: &str,
+        generation: u64,
+        status: Status,
+        at: SystemTime,
+    ) -> Result<(), RegistryError> {
+        let mut inv = self.status_script.prepare_invoke();
+        inv.key(self.k_status(service))
+            .key(self.channel())
+            .arg(id)
+            .arg(generation.to_string())
+            .arg(status.as_str())
+            .arg(millis(at).to_string())
+            .arg(service)
+            .arg("0");
         let _: i64 = bounded(inv.invoke_async(&mut self.conn())).await?;
         Ok(())
     }
