@@ -70,8 +70,8 @@ async fn http_check_follows_the_backend() {
         .await
         .unwrap();
     let check = CheckSpec::http("/health")
-        .interval(Duration::from_millis(50))
-        .timeout(Duration::from_millis(40))
+        .interval(Duration::from_millis(100))
+        .timeout(Duration::from_millis(90))
         .thresholds(2, 2);
     r.register(
         "web",
@@ -87,12 +87,14 @@ async fn http_check_follows_the_backend() {
     wait_for(&r, "web", Status::Critical).await;
     b.code.store(204, Ordering::SeqCst);
     wait_for(&r, "web", Status::Passing).await;
-    assert!(b.hits.load(Ordering::SeqCst) >= 7);
-    assert_eq!(
+    let (hits, conns) = (
+        b.hits.load(Ordering::SeqCst),
         b.connections.load(Ordering::SeqCst),
-        1,
-        "checks reuse one keep-alive connection"
     );
+    assert!(hits >= 7);
+    // one keep-alive connection carries the checks (a timed-out check on a loaded
+    // machine drops it, so allow a reconnect or two)
+    assert!(conns <= 3, "{conns} connections for {hits} checks");
     assert!(r.snapshot("web").instances[0].last_check.is_some());
 }
 
