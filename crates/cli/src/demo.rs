@@ -113,13 +113,13 @@ Walkthrough (in another terminal; every command works as printed):
    curl -s {admin}/v1/breakers
    -> the two /payments instances "state":"open", "failure_rate":1.0; the other routes "closed".
 
-6. Heal payments; new orders confirm again, and /payments answers once the breakers half-open:
-   curl -s {gw}/payments/admin/faults {json} -d '{{}}'
-
-7. Read the metrics (Prometheus text):
+6. Read the metrics (Prometheus text) while the breakers are open:
    curl -s {admin}/metrics | grep 'route="/payments"' | grep -E '5xx|state="open"'
    -> switchboard_gateway_requests_total{{route="/payments",...,status_class="5xx"}} 30
       switchboard_gateway_breaker_state{{route="/payments",...,state="open"}} 1   (one line per instance)
+
+7. Heal payments; new orders confirm again, and /payments answers once the breakers half-open:
+   curl -s {gw}/payments/admin/faults {json} -d '{{}}'
 
 Ctrl-C stops everything cleanly.
 "#
