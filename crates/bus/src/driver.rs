@@ -203,7 +203,7 @@ type Outcome<T> = (Delivery<T>, Result<(), String>, Duration);
 
 async fn runner<T: Send + Sync + 'static>(
     mut deliveries: mpsc::UnboundedReceiver<Vec<Delivery<T>>>,
-    settle: mpsc::UnboundedSender<Settle<T>>,
+    settle: mpsc::UnboundedSender<Vec<Settle<T>>>,
     handler: Arc<dyn Handler>,
     ctx: Arc<Ctx>,
 ) {
@@ -239,8 +239,12 @@ async fn runner<T: Send + Sync + 'static>(
         tokio::select! {
             biased;
             Some(outcome) = running.next(), if !running.is_empty() => {
-                let settlement = decide(&ctx, outcome);
-                if settle.send(settlement).is_err() { return; }
+                // Settle everything that is done by now in one send.
+                let mut done = vec![decide(&ctx, outcome)];
+                while let Some(Some(outcome)) = running.next().now_or_never() {
+                    done.push(decide(&ctx, outcome));
+                }
+                if settle.send(done).is_err() { return; }
             }
             batch = deliveries.recv(), if open => match batch {
                 Some(batch) => {
@@ -266,7 +270,7 @@ async fn runner<T: Send + Sync + 'static>(
                             }
                         };
                         ctx.metrics.dead_lettered();
-                        if settle.send(settlement).is_err() { return; }
+                        if settle.send(vec![settlement]).is_err() { return; }
                     }
                 }
                 None => open = false,
@@ -316,7 +320,7 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 async fn settler<C: Consumer>(
     consumer: Arc<C>,
-    mut rx: mpsc::UnboundedReceiver<Settle<C::Token>>,
+    mut rx: mpsc::UnboundedReceiver<Vec<Settle<C::Token>>>,
     permits: Arc<Semaphore>,
     ctx: Arc<Ctx>,
     stop: CancellationToken,
@@ -324,7 +328,9 @@ async fn settler<C: Consumer>(
     let backoff = io_backoff();
     let mut acks = Vec::new();
     let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, 4096).await > 0 {
+    let mut batches = Vec::new();
+    while rx.recv_many(&mut batches, 64).await > 0 {
+        batch.extend(batches.drain(..).flatten());
         let settled = batch.len();
         for s in batch.drain(..) {
             match s {
