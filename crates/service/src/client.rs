@@ -28,6 +28,7 @@ use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use switchboard_registry::{Discovery, PassiveOutcome, ServiceWatch};
 use switchboard_resilience::breaker::{BreakerConfig, KeyedBreakers, Outcome, Window};
+use switchboard_resilience::retry::{RetryBudget, is_idempotent};
 
 use crate::correlation::Correlation;
 use crate::idempotency::IDEMPOTENCY_KEY;
@@ -44,7 +45,7 @@ pub struct ClientConfig {
     pub attempts: u32,
     /// Delay before the first retry, doubled each time, with full jitter (default 10 ms).
     pub backoff: Duration,
-    /// Retries may add this percentage of calls over the budget window (default 20).
+    /// Retries may add this percentage of the calls of the last 10 s (default 20).
     pub retry_budget_percent: u32,
     /// Retries always allowed per second regardless of the percentage (default 10).
     pub retry_min_per_sec: u32,
@@ -136,49 +137,6 @@ impl CallError {
     }
 }
 
-/// Finagle-style retry budget: each call deposits `percent`/100 of a token,
-/// each retry withdraws one; a floor of `min_per_sec` tokens is refilled every second.
-#[derive(Debug)]
-struct RetryBudget {
-    /// Tokens, in hundredths.
-    balance: Mutex<(i64, tokio::time::Instant)>,
-    percent: i64,
-    floor: i64,
-}
-
-impl RetryBudget {
-    fn new(percent: u32, min_per_sec: u32) -> Self {
-        let floor = i64::from(min_per_sec) * 100;
-        Self {
-            balance: Mutex::new((floor, tokio::time::Instant::now())),
-            percent: i64::from(percent),
-            floor,
-        }
-    }
-
-    fn deposit(&self) {
-        let mut b = self.balance.lock();
-        // Cap the balance at ten seconds' worth of floor plus deposits, so an
-        // idle period cannot bank an unbounded retry storm.
-        b.0 = (b.0 + self.percent).min(self.floor.max(100) * 10 + 100 * self.percent);
-    }
-
-    fn withdraw(&self) -> bool {
-        let mut b = self.balance.lock();
-        let now = tokio::time::Instant::now();
-        if now.duration_since(b.1) >= Duration::from_secs(1) {
-            b.1 = now;
-            b.0 = b.0.max(self.floor);
-        }
-        if b.0 >= 100 {
-            b.0 -= 100;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 #[derive(Default)]
 struct InFlight(AtomicUsize);
 
@@ -213,10 +171,7 @@ impl std::fmt::Debug for Client {
 }
 
 fn is_safe(method: &Method, headers: &HeaderMap) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
-    ) || headers.contains_key(IDEMPOTENCY_KEY)
+    is_idempotent(method.as_str()) || headers.contains_key(IDEMPOTENCY_KEY)
 }
 
 enum Attempt {
@@ -231,7 +186,7 @@ impl Client {
     /// server (None: every call fails with [`CallError::NoRegistry`]).
     ///
     /// # Panics
-    /// If `config.breaker` is invalid.
+    /// If `config.breaker` or the retry budget settings are invalid.
     pub fn new(discovery: Option<Arc<dyn Discovery>>, config: ClientConfig) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -248,7 +203,12 @@ impl Client {
                 watches: Mutex::default(),
                 in_flight: Mutex::default(),
                 breakers,
-                budget: RetryBudget::new(config.retry_budget_percent, config.retry_min_per_sec),
+                budget: RetryBudget::new(
+                    Duration::from_secs(10),
+                    config.retry_min_per_sec,
+                    f64::from(config.retry_budget_percent),
+                )
+                .expect("ClientConfig retry budget must be valid"),
                 config,
             }),
         }
@@ -513,20 +473,5 @@ mod tests {
         assert!(!is_safe(&Method::POST, &h));
         h.insert(IDEMPOTENCY_KEY, HeaderValue::from_static("k"));
         assert!(is_safe(&Method::POST, &h));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_budget_limits_retries_to_a_share_of_calls() {
-        let budget = RetryBudget::new(20, 0);
-        for _ in 0..100 {
-            budget.deposit();
-        }
-        let allowed = (0..100).filter(|_| budget.withdraw()).count();
-        assert_eq!(allowed, 20);
-        let floor = RetryBudget::new(20, 3);
-        let first = (0..10).filter(|_| floor.withdraw()).count();
-        assert_eq!(first, 3);
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!((0..10).filter(|_| floor.withdraw()).count(), 3);
     }
 }

@@ -199,3 +199,26 @@ async fn joins_a_registry_server_over_http_and_calls_through_it() {
     caller.shutdown().await;
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_retry_budget_stops_retries() {
+    let registry =
+        Registry::memory(RegistryOptions::default().passive(1000, Duration::from_secs(1)));
+    let _bad = instance(&registry, "echo-bad", false).await;
+    let _good = instance(&registry, "echo-good", true).await;
+    let mut config = ClientConfig {
+        retry_budget_percent: 0,
+        retry_min_per_sec: 0,
+        ..ClientConfig::default()
+    };
+    config.breaker.min_calls = 50;
+    config.breaker.window = switchboard_resilience::breaker::Window::Count(50);
+    config.breaker.failure_rate = 1.0;
+    let client = Client::new(Some(Arc::new(registry.clone())), config);
+    let mut failed = 0;
+    for _ in 0..20 {
+        let res = client.send("echo", get_req("/flaky")).await.unwrap();
+        failed += usize::from(res.status() == StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    assert!(failed > 0, "without budget a failed GET is not retried");
+}
