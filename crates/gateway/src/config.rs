@@ -142,7 +142,7 @@ impl Default for RawGateway {
             access_log: true,
             connect_timeout: Duration::from_secs(1),
             pool_idle_timeout: Duration::from_secs(60),
-            pool_max_idle: 256,
+            pool_max_idle: 64,
         }
     }
 }

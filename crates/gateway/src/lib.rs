@@ -45,7 +45,7 @@
 //! | `gateway.access_log` | `true` | one JSON line per request on stdout |
 //! | `gateway.connect_timeout` | `1s` | default upstream connect timeout |
 //! | `gateway.pool_idle_timeout` | `60s` | idle upstream connections older than this are closed |
-//! | `gateway.pool_max_idle` | `256` | idle upstream connections kept per instance and worker |
+//! | `gateway.pool_max_idle` | `64` | idle upstream connections kept per instance and worker |
 //! | `registry.store` | `memory://` | `memory://` or `redis://HOST:PORT` |
 //! | `registry.token` | none | bearer token for registry writes (required off loopback) |
 //! | `services[].instances` | `[]` | static `IP:PORT`s, registered in the registry |

@@ -1,6 +1,7 @@
 //! `switchboard bench ...`: built-in benchmarks, one file each.
 
 mod breaker;
+mod gateway;
 mod bus;
 
 use clap::Subcommand;
@@ -12,6 +13,8 @@ pub enum BenchCommand {
     Breaker(breaker::BreakerArgs),
     /// Event bus: end-to-end events/s (publish -> handled -> acked) and publish p50/p99.
     Bus(bus::BusArgs),
+    /// Gateway: requests/s and p50/p99 through the proxy, in one process (see bench/gateway.sh for nginx/HAProxy).
+    Gateway(gateway::GatewayArgs),
 }
 
 /// Runs one benchmark.
@@ -19,5 +22,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Breaker(args) => breaker::run(&args),
         BenchCommand::Bus(args) => bus::run(args),
+        BenchCommand::Gateway(args) => gateway::run(&args),
     }
 }
