@@ -1,8 +1,8 @@
 //! `switchboard bench ...`: built-in benchmarks, one file each.
 
 mod breaker;
-mod gateway;
 mod bus;
+mod gateway;
 
 use clap::Subcommand;
 
