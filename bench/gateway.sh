@@ -52,6 +52,7 @@ cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   [ -f "$RUN/backend.pid" ] && kill "$(cat "$RUN/backend.pid")" 2>/dev/null || true
   [ -f "$RUN/proxy.pid" ] && kill "$(cat "$RUN/proxy.pid")" 2>/dev/null || true
+  [ -f "$RUN/haproxy.pid" ] && kill $(cat "$RUN/haproxy.pid") 2>/dev/null || true
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
