@@ -79,8 +79,8 @@ targets=(nginx haproxy switchboard)
 for t in "${targets[@]}"; do
   case $t in
     nginx) nginx -p "$RUN" -c "$RUN/nginx-proxy.conf" -e "$RUN/proxy-error.log" ;;
-    haproxy) (cd "$RUN" && haproxy -f "$RUN/haproxy.cfg" -q >"$RUN/haproxy.out" 2>&1 &
-               echo $! >"$RUN/haproxy.spawn") ; sleep 0.2; pids+=("$(cat "$RUN/haproxy.spawn")") ;;
+    haproxy) (cd "$RUN" && exec haproxy -f "$RUN/haproxy.cfg" -q >"$RUN/haproxy.out" 2>&1) &
+             pids+=($!) ;;
     switchboard) SWITCHBOARD_LOG=warn $SWITCHBOARD_CMD "$RUN/switchboard.toml" \
                    >"$RUN/switchboard-access.log" 2>"$RUN/switchboard.err" &
                  pids+=($!) ;;
