@@ -189,8 +189,9 @@ pub(crate) fn parse_registration(value: &Value) -> Result<Registration, Validati
     };
     const KNOWN: [&str; 6] = ["address", "port", "version", "tags", "metadata", "check"];
     if let Some(k) = map.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        // An empty key would leave the error naming no field at all.
         return Err(ValidationError::new(
-            k.as_str(),
+            if k.is_empty() { "\"\"" } else { k.as_str() },
             format!("unknown field (expected one of {})", KNOWN.join(", ")),
         ));
     }
@@ -518,6 +519,18 @@ mod tests {
         assert!(narrow.check("10.1.2.3").is_ok());
         assert!(narrow.check("192.168.1.1").is_err());
         assert!(narrow.check("example.com").is_err());
+    }
+
+    /// Found by `fuzz/fuzz_targets/registry_body.rs`: an empty unknown key gave
+    /// an error whose field was empty (`invalid : unknown field ...`).
+    #[test]
+    fn fuzz_regression_empty_unknown_key_is_named() {
+        let err = parse_registration(&json!({"": "orders.internal", "port": 8080})).unwrap_err();
+        assert_eq!(err.field, "\"\"");
+        assert!(
+            err.to_string().starts_with("invalid \"\": unknown field"),
+            "{err}"
+        );
     }
 
     #[test]
