@@ -135,9 +135,11 @@ fn uniform(low: Duration, high: Duration) -> Duration {
     if high <= low {
         return low;
     }
-    let low_ns = low.as_nanos() as u64;
-    let high_ns = u64::try_from(high.as_nanos()).unwrap_or(u64::MAX);
-    Duration::from_nanos(rand::random_range(low_ns..=high_ns))
+    // In u128 nanoseconds: delays past u64::MAX ns (584 years) are possible
+    // (`Duration::MAX` caps), and truncating them drew delays below `low`.
+    let ns = rand::random_range(low.as_nanos()..=high.as_nanos());
+    let secs = u64::try_from(ns / 1_000_000_000).unwrap_or(u64::MAX);
+    Duration::new(secs, (ns % 1_000_000_000) as u32)
 }
 
 impl Iterator for Delays {
