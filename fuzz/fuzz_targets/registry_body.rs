@@ -16,7 +16,11 @@ fuzz_target!(|data: &[u8]| {
     };
     let parsed = Registration::from_json(&value);
     let via_serde = serde_json::from_value::<Registration>(value);
-    assert_eq!(parsed.is_ok(), via_serde.is_ok(), "{parsed:?} vs {via_serde:?}");
+    assert_eq!(
+        parsed.is_ok(),
+        via_serde.is_ok(),
+        "{parsed:?} vs {via_serde:?}"
+    );
     match parsed {
         Err(e) => check_error(&e),
         Ok(reg) => {

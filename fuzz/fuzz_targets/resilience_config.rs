@@ -171,7 +171,11 @@ fn check_delays(b: &Backoff, count: u8) {
         assert!(cap <= b.max(), "cap({n}) = {cap:?} above max {:?}", b.max());
         assert!(cap >= previous_cap, "cap({n}) = {cap:?} shrank");
         previous_cap = cap;
-        assert!(delay <= b.max(), "delay {n} = {delay:?} above max {:?}", b.max());
+        assert!(
+            delay <= b.max(),
+            "delay {n} = {delay:?} above max {:?}",
+            b.max()
+        );
         match b.jitter() {
             Jitter::None => assert_eq!(delay, cap),
             Jitter::Full => assert!(delay <= cap, "delay {n} = {delay:?} above cap {cap:?}"),
