@@ -19,12 +19,9 @@ use crate::correlation::random_u64;
 const WINDOW: Duration = Duration::from_secs(10);
 use crate::metrics::SHARDS;
 
-/// True for methods RFC 9110 defines as idempotent.
+/// True for methods RFC 9110 defines as idempotent (the resilience crate's rule).
 pub fn is_idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
+    switchboard_resilience::retry::is_idempotent(m.as_str())
 }
 
 /// Backoff before retry number `retry` (1-based): `base * 2^(retry-1)`,
