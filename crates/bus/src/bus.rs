@@ -5,6 +5,7 @@ use std::sync::Arc;
 use crate::backend::{self, Backend};
 use crate::middleware::correlation;
 use crate::middleware::metrics::Metrics;
+use crate::stats::{BusStats, StatsSnapshot};
 use crate::{Event, Handler, SubscribeOptions, Subscription};
 
 /// Why a bus operation failed.
@@ -106,6 +107,7 @@ pub struct Bus {
 struct Inner {
     backend: Backend,
     metrics: Arc<Metrics>,
+    stats: Arc<BusStats>,
     url: String,
 }
 
@@ -129,6 +131,7 @@ impl Bus {
             inner: Arc::new(Inner {
                 backend,
                 metrics: Arc::new(Metrics::default()),
+                stats: Arc::new(BusStats::default()),
                 url: url.to_owned(),
             }),
         })
@@ -147,6 +150,30 @@ impl Bus {
     /// Counters for this bus (publishes and the deliveries of its subscriptions).
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
+    }
+
+    /// Per-topic and per-group statistics and the tap of recent events
+    /// ([`crate::stats`]).
+    pub fn stats(&self) -> &Arc<BusStats> {
+        &self.inner.stats
+    }
+
+    /// Events retained on `topic` and not yet delivered to `group`, where the
+    /// backend can tell (`None`: Redis before 7, Redis Pub/Sub, unknown group).
+    pub async fn lag(&self, topic: &str, group: &str) -> Result<Option<u64>, BusError> {
+        backend::validate_name("topic", topic)?;
+        backend::validate_name("group", group)?;
+        self.inner.backend.lag(topic, group).await
+    }
+
+    /// [`BusStats::snapshot`] with each group's [`lag`](Self::lag) filled in
+    /// (left `None` where the backend cannot tell or does not answer).
+    pub async fn stats_snapshot(&self) -> StatsSnapshot {
+        let mut snap = self.inner.stats.snapshot();
+        for g in &mut snap.groups {
+            g.lag = self.lag(&g.topic, &g.group).await.ok().flatten();
+        }
+        snap
     }
 
     /// Publishes `event` on the topic named by its `type`, returning once the
@@ -186,6 +213,7 @@ impl Bus {
         }
         self.inner.backend.publish(topic, events).await?;
         self.inner.metrics.published(events.len() as u64);
+        self.inner.stats.published(topic, events);
         Ok(())
     }
 
@@ -209,6 +237,7 @@ impl Bus {
                 Arc::new(handler),
                 options,
                 Arc::clone(&self.inner.metrics),
+                self.inner.stats.group(topic, group),
             )
             .await
     }

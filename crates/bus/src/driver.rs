@@ -37,6 +37,7 @@ use crate::backoff::RetryBackoff;
 use crate::deadletter::{self, Reason};
 use crate::middleware::correlation::{self, Correlation};
 use crate::middleware::metrics::Metrics;
+use crate::stats::GroupCounters;
 use crate::{BusError, Event, Handler, SubscribeOptions, Subscription};
 
 /// An entry that could not be decoded into an event.
@@ -98,6 +99,7 @@ struct Ctx {
     group: String,
     opts: SubscribeOptions,
     metrics: Arc<Metrics>,
+    group_stats: Arc<GroupCounters>,
 }
 
 /// Starts the three tasks of a subscription.
@@ -108,6 +110,7 @@ pub(crate) fn spawn<C: Consumer>(
     handler: Arc<dyn Handler>,
     opts: SubscribeOptions,
     metrics: Arc<Metrics>,
+    group_stats: Arc<GroupCounters>,
 ) -> Subscription {
     let consumer = Arc::new(consumer);
     let stop = CancellationToken::new();
@@ -117,6 +120,7 @@ pub(crate) fn spawn<C: Consumer>(
         group: group.to_owned(),
         opts,
         metrics,
+        group_stats,
     });
     let (deliveries_tx, deliveries_rx) = mpsc::unbounded_channel();
     let (settle_tx, settle_rx) = mpsc::unbounded_channel();
@@ -250,6 +254,7 @@ async fn runner<T: Send + Sync + 'static>(
                 Some(batch) => {
                     let redelivered = batch.iter().filter(|d| d.attempt > 1).count();
                     ctx.metrics.delivered(batch.len() as u64, redelivered as u64);
+                    ctx.group_stats.delivered(batch.len() as u64, redelivered as u64);
                     for Delivery { token, attempt, payload } in batch {
                         let settlement = match payload {
                             Err(bad) => {
@@ -270,6 +275,7 @@ async fn runner<T: Send + Sync + 'static>(
                             }
                         };
                         ctx.metrics.dead_lettered();
+                ctx.group_stats.dead_lettered();
                         if settle.send(vec![settlement]).is_err() { return; }
                     }
                 }
@@ -291,6 +297,7 @@ fn decide<T>(ctx: &Ctx, (d, result, took): Outcome<T>) -> Settle<T> {
             if d.attempt >= ctx.opts.max_deliveries {
                 tracing::warn!(topic = %ctx.topic, group = %ctx.group, id = %event.id(), attempts = d.attempt, %error, "dead-lettering event");
                 ctx.metrics.dead_lettered();
+                ctx.group_stats.dead_lettered();
                 let letter = deadletter::letter(
                     &event,
                     &ctx.topic,
@@ -360,6 +367,7 @@ async fn settler<C: Consumer>(
             match consumer.ack(&acks).await {
                 Ok(()) => {
                     ctx.metrics.acked(acks.len() as u64);
+                    ctx.group_stats.acked(acks.len() as u64);
                     acks.clear();
                 }
                 Err(error) => {

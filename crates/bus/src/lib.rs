@@ -64,6 +64,7 @@
 //! - [`deadletter`]: dead-letter attributes, reading and replaying them.
 //! - `backend`: one module per backend.
 //! - [`middleware`]: idempotent consumer, correlation propagation, metrics.
+//! - [`stats`]: per-topic and per-group counters, consumer lag, recent events (dashboards).
 
 pub mod backoff;
 pub mod bus;
@@ -71,6 +72,7 @@ pub mod codec;
 pub mod deadletter;
 pub mod event;
 pub mod middleware;
+pub mod stats;
 pub mod subscribe;
 
 mod backend;

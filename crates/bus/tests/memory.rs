@@ -36,6 +36,7 @@ conformance_tests!(fixture();
     ordered_per_topic,
     graceful_shutdown_finishes_in_flight,
     start_at_latest_and_delete_group,
+    stats_and_lag,
 );
 
 #[tokio::test]

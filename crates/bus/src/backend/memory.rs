@@ -174,6 +174,14 @@ impl Memory {
         self.topic(topic).state.lock().groups.remove(group);
     }
 
+    /// Events after the group's cursor (not yet delivered to it).
+    pub(crate) fn lag(&self, topic: &str, group: &str) -> Option<u64> {
+        let t = self.topic(topic);
+        let s = t.state.lock();
+        let end = s.first_seq + s.log.len() as u64;
+        s.groups.get(group).map(|g| end.saturating_sub(g.cursor))
+    }
+
     pub(crate) fn peek(&self, topic: &str, limit: usize) -> Vec<Event> {
         let t = self.topic(topic);
         let s = t.state.lock();

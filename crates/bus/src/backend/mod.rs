@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use crate::middleware::metrics::Metrics;
+use crate::stats::GroupCounters;
 use crate::{BusError, Capabilities, Event, Handler, SubscribeOptions, Subscription};
 
 pub(crate) mod memory;
@@ -99,30 +100,55 @@ impl Backend {
         handler: Arc<dyn Handler>,
         opts: SubscribeOptions,
         metrics: Arc<Metrics>,
+        group_stats: Arc<GroupCounters>,
     ) -> Result<Subscription, BusError> {
         match self {
             Backend::Memory(b) => {
                 let consumer = b.consumer(topic, group, &opts);
                 Ok(crate::driver::spawn(
-                    consumer, topic, group, handler, opts, metrics,
+                    consumer,
+                    topic,
+                    group,
+                    handler,
+                    opts,
+                    metrics,
+                    group_stats,
                 ))
             }
             Backend::Redis(b) => {
                 let consumer = b.consumer(topic, group, &opts).await?;
                 Ok(crate::driver::spawn(
-                    consumer, topic, group, handler, opts, metrics,
+                    consumer,
+                    topic,
+                    group,
+                    handler,
+                    opts,
+                    metrics,
+                    group_stats,
                 ))
             }
             Backend::Nats(b) => {
                 let consumer = b.consumer(topic, group, &opts).await?;
                 Ok(crate::driver::spawn(
-                    consumer, topic, group, handler, opts, metrics,
+                    consumer,
+                    topic,
+                    group,
+                    handler,
+                    opts,
+                    metrics,
+                    group_stats,
                 ))
             }
             Backend::PubSub(b) => {
                 let consumer = b.consumer(topic, group, &opts).await?;
                 Ok(crate::driver::spawn(
-                    consumer, topic, group, handler, opts, metrics,
+                    consumer,
+                    topic,
+                    group,
+                    handler,
+                    opts,
+                    metrics,
+                    group_stats,
                 ))
             }
         }
@@ -138,6 +164,16 @@ impl Backend {
             Backend::Nats(b) => b.delete_group(topic, group).await,
             // Pub/Sub keeps no group state.
             Backend::PubSub(_) => Ok(()),
+        }
+    }
+
+    /// Events not yet delivered to `group`, where the backend can tell.
+    pub(crate) async fn lag(&self, topic: &str, group: &str) -> Result<Option<u64>, BusError> {
+        match self {
+            Backend::Memory(b) => Ok(b.lag(topic, group)),
+            Backend::Redis(b) => b.lag(topic, group).await,
+            Backend::Nats(b) => b.lag(topic, group).await,
+            Backend::PubSub(_) => Ok(None),
         }
     }
 

@@ -172,6 +172,17 @@ impl Nats {
         Ok(out)
     }
 
+    /// The group's durable consumer's `num_pending` (`None`: no such stream or consumer).
+    pub(crate) async fn lag(&self, topic: &str, group: &str) -> Result<Option<u64>, BusError> {
+        let Ok(stream) = self.js.get_stream(stream_name(topic)).await else {
+            return Ok(None);
+        };
+        match stream.consumer_info(escape(group)).await {
+            Ok(info) => Ok(Some(info.num_pending)),
+            Err(_) => Ok(None),
+        }
+    }
+
     pub(crate) async fn delete_group(&self, topic: &str, group: &str) -> Result<(), BusError> {
         let stream = self.ensure_stream(topic).await?;
         stream

@@ -174,6 +174,28 @@ impl RedisStreams {
             .collect())
     }
 
+    /// The group's `lag` from `XINFO GROUPS` (Redis 7+; `None` before, or
+    /// when Redis cannot tell after deletions).
+    pub(crate) async fn lag(&self, topic: &str, group: &str) -> Result<Option<u64>, BusError> {
+        let mut conn = self.shared.conn.clone();
+        let reply: Result<redis::streams::StreamInfoGroupsReply, _> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(stream_key(topic))
+            .query_async(&mut conn)
+            .await;
+        match reply {
+            Ok(r) => Ok(r
+                .groups
+                .into_iter()
+                .find(|g| g.name == group)
+                .and_then(|g| g.lag)
+                .map(|l| l as u64)),
+            // No such stream yet: nothing is waiting.
+            Err(e) if e.code() == Some("ERR") => Ok(None),
+            Err(e) => Err(redis_error(&e)),
+        }
+    }
+
     pub(crate) async fn delete_group(&self, topic: &str, group: &str) -> Result<(), BusError> {
         let mut conn = self.shared.conn.clone();
         let _: Value = redis::cmd("XGROUP")

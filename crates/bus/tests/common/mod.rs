@@ -476,6 +476,7 @@ macro_rules! conformance_tests {
             graceful_shutdown_finishes_in_flight,
             broker_restart_loses_nothing,
             start_at_latest_and_delete_group,
+            stats_and_lag,
         );
     };
     (@cases $fixture:expr; $($case:ident),* $(,)?) => {
@@ -516,4 +517,33 @@ pub async fn start_at_latest_and_delete_group(f: &mut dyn Fixture) {
     let got: BTreeSet<_> = collect_ids(&mut rx, 6).await.into_iter().collect();
     assert_eq!(got, ids(0..6));
     sub.shutdown().await;
+}
+
+/// The stats tap counts publishes per topic and deliveries per group, keeps
+/// the latest events, and the backend reports the lag of a stopped group.
+pub async fn stats_and_lag(f: &mut dyn Fixture) {
+    let bus = Bus::open(&f.url()).await.unwrap();
+    bus.stats().tap(true);
+    let topic = unique("stats");
+    let (h, mut rx) = recorder();
+    let sub = bus
+        .subscribe(&topic, "watchers", h, fast_options())
+        .await
+        .unwrap();
+    publish_n(&bus, &topic, 0..4).await;
+    assert_eq!(collect_ids(&mut rx, 4).await.len(), 4);
+    sub.shutdown().await;
+    publish_n(&bus, &topic, 4..7).await;
+    assert_eq!(bus.lag(&topic, "watchers").await.unwrap(), Some(3));
+    let snap = bus.stats_snapshot().await;
+    let t = snap.topics.iter().find(|t| t.topic == topic).unwrap();
+    assert_eq!(t.published, 7);
+    let g = snap
+        .groups
+        .iter()
+        .find(|g| g.topic == topic && g.group == "watchers")
+        .unwrap();
+    assert_eq!((g.delivered, g.acked, g.lag), (4, 4, Some(3)), "{g:?}");
+    assert_eq!(snap.recent[0].id, "e00006");
+    assert_eq!(bus.stats().find("e00002", 10).len(), 1);
 }
