@@ -5,6 +5,8 @@
 #   bench/gateway.sh                 # 5 rounds of 10 s per proxy
 #   ROUNDS=3 DURATION=5 bench/gateway.sh
 #   ONLY=switchboard bench/gateway.sh
+#   EDGE=1 ONLY=switchboard bench/gateway.sh  # adds switchboard-edge: the same
+#     gateway with a rate limit (never triggered) and idempotency on its route
 #
 # Every proxy runs 2 workers/threads; wrk uses 2 threads and 50 connections.
 # Prints median requests/s, median p99 and each one's ratio to nginx, then
@@ -72,17 +74,23 @@ log "run dir $RUN"
 nginx -p "$RUN" -c "$RUN/nginx-backend.conf" -e "$RUN/backend-error.log"
 wait_port 18080
 
-declare -A PORT=([nginx]=18081 [haproxy]=18082 [switchboard]=18083)
+declare -A PORT=([nginx]=18081 [haproxy]=18082 [switchboard]=18083 [switchboard-edge]=18084)
 targets=(nginx haproxy switchboard)
 [ -n "$ONLY" ] && targets=($ONLY)
+if [ -n "${EDGE:-}" ]; then
+  targets+=(switchboard-edge)
+  sed -e 's/18083/18084/; s/19983/19984/' "$RUN/switchboard.toml" >"$RUN/switchboard-edge.toml"
+  printf '%s\n' 'rate_limit = { rate = 100000000, per = "1s", key = "ip" }' \
+    'idempotency = { ttl = "1m" }' >>"$RUN/switchboard-edge.toml"
+fi
 
 for t in "${targets[@]}"; do
   case $t in
     nginx) nginx -p "$RUN" -c "$RUN/nginx-proxy.conf" -e "$RUN/proxy-error.log" ;;
     haproxy) (cd "$RUN" && exec haproxy -f "$RUN/haproxy.cfg" -q >"$RUN/haproxy.out" 2>&1) &
              pids+=($!) ;;
-    switchboard) SWITCHBOARD_LOG=warn $SWITCHBOARD_CMD "$RUN/switchboard.toml" \
-                   >"$RUN/switchboard-access.log" 2>"$RUN/switchboard.err" &
+    switchboard*) SWITCHBOARD_LOG=warn $SWITCHBOARD_CMD "$RUN/$t.toml" \
+                   >"$RUN/$t-access.log" 2>"$RUN/$t.err" &
                  pids+=($!) ;;
   esac
   wait_port "${PORT[$t]}"
@@ -132,6 +140,10 @@ for t in "${targets[@]}"; do
   [ -n "${RPS[nginx]:-}" ] && ratio=$(awk -v a="${RPS[$t]}" -v b="${RPS[nginx]}" 'BEGIN {printf "%.2fx", a/b}')
   printf '%-12s %12.0f %10.2f %10s\n' "$t" "${RPS[$t]}" "${P99[$t]}" "$ratio"
 done
+if [ -n "${RPS[switchboard-edge]:-}" ] && [ -n "${RPS[switchboard]:-}" ]; then
+  awk -v a="${RPS[switchboard-edge]}" -v b="${RPS[switchboard]}" \
+    'BEGIN {printf "switchboard-edge / switchboard: %.3f\n", a/b}'
+fi
 
 # Peak RSS of a fresh Switchboard holding 1,000 idle keep-alive connections.
 if [[ " ${targets[*]} " == *" switchboard "* ]]; then

@@ -76,6 +76,7 @@ fn escape(v: &str) -> String {
 pub fn render_metrics(gw: &Gateway) -> String {
     let mut out = String::with_capacity(16 * 1024);
     gw.metrics.render(&mut out);
+    crate::policy::render_metrics(gw, &mut out);
     const STATES: [&str; 6] = [
         "closed",
         "open",

@@ -132,6 +132,13 @@ pub struct ResBody {
 enum Inner {
     Full(Option<Bytes>),
     Upstream(Incoming),
+    /// An upstream body whose start was read by the gateway (idempotency
+    /// keeps a copy of it) and is sent first.
+    Prefixed {
+        prefix: Option<Bytes>,
+        trailers: Option<http::HeaderMap>,
+        rest: Incoming,
+    },
 }
 
 impl ResBody {
@@ -151,6 +158,57 @@ impl ResBody {
             finish: None,
             complete: false,
         }
+    }
+
+    /// True when the body comes from the upstream (not made by the gateway).
+    pub(crate) fn is_upstream(&self) -> bool {
+        !matches!(self.inner, Inner::Full(_))
+    }
+
+    /// Reads the upstream body up to `limit` bytes. Returns the bytes read and
+    /// whether that was the whole body; either way the bytes are sent to the
+    /// client first, then the rest (and any trailers) as usual.
+    pub(crate) async fn read_prefix(&mut self, limit: usize) -> Result<(Bytes, bool), BoxError> {
+        use http_body_util::BodyExt as _;
+        let Inner::Upstream(_) = &self.inner else {
+            return Ok((Bytes::new(), false));
+        };
+        let mut buf = bytes::BytesMut::new();
+        let mut trailers = None;
+        let mut whole = true;
+        while let Inner::Upstream(b) = &mut self.inner {
+            if b.is_end_stream() {
+                break;
+            }
+            match b.frame().await {
+                None => break,
+                Some(Err(e)) => return Err(Box::new(e)),
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(d) => {
+                        buf.extend_from_slice(&d);
+                        if buf.len() > limit {
+                            whole = false;
+                            break;
+                        }
+                    }
+                    Err(f) => {
+                        trailers = f.into_trailers().ok();
+                        whole = false;
+                        break;
+                    }
+                },
+            }
+        }
+        let bytes = buf.freeze();
+        let old = std::mem::replace(&mut self.inner, Inner::Full(None));
+        if let Inner::Upstream(rest) = old {
+            self.inner = Inner::Prefixed {
+                prefix: (!bytes.is_empty()).then(|| bytes.clone()),
+                trailers,
+                rest,
+            };
+        }
+        Ok((bytes, whole))
     }
 
     /// Attaches the request's bookkeeping, run when the body ends or drops.
@@ -187,6 +245,26 @@ impl Body for ResBody {
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
             },
+            Inner::Prefixed {
+                prefix,
+                trailers,
+                rest,
+            } => {
+                if let Some(p) = prefix.take() {
+                    Poll::Ready(Some(Ok(Frame::data(p))))
+                } else if let Some(t) = trailers.take() {
+                    Poll::Ready(Some(Ok(Frame::trailers(t))))
+                } else {
+                    match Pin::new(rest).poll_frame(cx) {
+                        Poll::Ready(Some(Err(e))) => {
+                            Poll::Ready(Some(Err(Box::new(e) as BoxError)))
+                        }
+                        Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
+                        Poll::Ready(None) => Poll::Ready(None),
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
+            }
         };
         if matches!(r, Poll::Ready(None)) || this.is_end_stream() {
             this.complete = true;
@@ -198,6 +276,11 @@ impl Body for ResBody {
         match &self.inner {
             Inner::Full(b) => b.is_none(),
             Inner::Upstream(b) => b.is_end_stream(),
+            Inner::Prefixed {
+                prefix,
+                trailers,
+                rest,
+            } => prefix.is_none() && trailers.is_none() && rest.is_end_stream(),
         }
     }
 
@@ -205,6 +288,16 @@ impl Body for ResBody {
         match &self.inner {
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Inner::Upstream(b) => b.size_hint(),
+            Inner::Prefixed { prefix, rest, .. } => {
+                let p = prefix.as_ref().map_or(0, |b| b.len() as u64);
+                let h = rest.size_hint();
+                let mut out = SizeHint::new();
+                out.set_lower(h.lower() + p);
+                if let Some(u) = h.upper() {
+                    out.set_upper(u + p);
+                }
+                out
+            }
         }
     }
 }

@@ -127,6 +127,12 @@ pub struct RawGateway {
     pub pool_idle_timeout: Duration,
     /// Most idle pooled connections kept per instance and worker.
     pub pool_max_idle: usize,
+    /// Bearer token for admin writes (defaults to `registry.token`).
+    pub admin_token: Option<String>,
+    /// Networks the gateway may proxy to (CIDR or bare addresses).
+    pub upstream_allow: Vec<String>,
+    /// Networks it never proxies to, even inside `upstream_allow`.
+    pub upstream_deny: Vec<String>,
 }
 
 impl Default for RawGateway {
@@ -143,6 +149,15 @@ impl Default for RawGateway {
             connect_timeout: Duration::from_secs(1),
             pool_idle_timeout: Duration::from_secs(60),
             pool_max_idle: 64,
+            admin_token: None,
+            upstream_allow: crate::allowlist::DEFAULT_ALLOW
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+            upstream_deny: crate::allowlist::DEFAULT_DENY
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
         }
     }
 }
@@ -253,6 +268,21 @@ pub struct RawRoute {
     /// Bodies up to this size are buffered so a retry can replay them.
     #[serde(default = "default_retry_buffer")]
     pub retry_buffer_bytes: u64,
+    /// Instance selection by semver major ([`crate::versioning`]).
+    #[serde(default)]
+    pub version: Option<Spanned<crate::versioning::RawVersion>>,
+    /// Deprecation headers ([`crate::versioning`]).
+    #[serde(default)]
+    pub deprecated: Option<Spanned<crate::versioning::RawDeprecated>>,
+    /// Rate limit ([`crate::ratelimit`]).
+    #[serde(default)]
+    pub rate_limit: Option<Spanned<crate::ratelimit::RawRateLimit>>,
+    /// Idempotency keys ([`crate::idempotency`]).
+    #[serde(default)]
+    pub idempotency: Option<Spanned<crate::idempotency::RawIdempotency>>,
+    /// CORS ([`crate::cors`]).
+    #[serde(default)]
+    pub cors: Option<Spanned<crate::cors::RawCors>>,
 }
 
 fn default_max_body() -> u64 {
@@ -345,6 +375,10 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     /// Routes, in file order.
     pub routes: Vec<RouteConfig>,
+    /// Networks upstream instances may be in (`gateway.upstream_allow` / `upstream_deny`).
+    pub upstream_policy: crate::allowlist::UpstreamPolicy,
+    /// Token for admin writes: `gateway.admin_token`, else `registry.token`.
+    pub admin_token: Option<String>,
 }
 
 /// Resolved `[gateway]` (same fields as [`RawGateway`], workers resolved).
@@ -399,6 +433,23 @@ pub struct RouteConfig {
     pub max_body_bytes: u64,
     /// Replay buffer limit.
     pub retry_buffer_bytes: u64,
+    /// Edge policies (versioning, rate limit, idempotency, CORS).
+    pub policy: PolicyConfig,
+}
+
+/// A route's edge policies, resolved; all `None` costs the request path nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyConfig {
+    /// Version selection.
+    pub version: Option<crate::versioning::VersionSelect>,
+    /// Deprecation headers.
+    pub deprecated: Option<crate::versioning::Deprecation>,
+    /// Rate limit.
+    pub rate_limit: Option<crate::ratelimit::RateLimitConfig>,
+    /// Idempotency keys.
+    pub idempotency: Option<crate::idempotency::IdempotencyConfig>,
+    /// CORS.
+    pub cors: Option<crate::cors::Cors>,
 }
 
 /// Default total route timeout.
@@ -464,6 +515,40 @@ impl RawConfig {
             );
         }
 
+        // Networks: errors point at the key's first occurrence in the file.
+        let mut nets = |key: &str, list: &[String]| -> Vec<ipnet::IpNet> {
+            let span = key_span(text, key);
+            let mut out = Vec::new();
+            for (j, n) in list.iter().enumerate() {
+                match crate::allowlist::parse_net(n) {
+                    Ok(x) => out.push(x),
+                    Err(m) => err(span.clone(), format!("gateway.{key}[{j}]"), m),
+                }
+            }
+            out
+        };
+        let upstream_policy = crate::allowlist::UpstreamPolicy::new(
+            nets("upstream_allow", &g.upstream_allow),
+            nets("upstream_deny", &g.upstream_deny),
+        );
+        if let (Some(a), Some(r)) = (&g.admin_token, &self.registry.token)
+            && a != r
+        {
+            err(
+                key_span(text, "admin_token"),
+                "gateway.admin_token".into(),
+                "differs from `registry.token`; the admin listener serves both APIs, set one token"
+                    .into(),
+            );
+        }
+        if g.admin_token.as_deref().is_some_and(str::is_empty) {
+            err(
+                key_span(text, "admin_token"),
+                "gateway.admin_token".into(),
+                "must not be empty (remove the key to use `registry.token`)".into(),
+            );
+        }
+
         let mut services = Vec::new();
         for (i, s) in self.services.into_iter().enumerate() {
             let name = s.name.get_ref().clone();
@@ -484,7 +569,12 @@ impl RawConfig {
             let mut instances = Vec::new();
             for (j, inst) in s.instances.iter().enumerate() {
                 match inst.get_ref().parse::<SocketAddr>() {
-                    Ok(a) => instances.push(a),
+                    Ok(a) => {
+                        if let Some(why) = upstream_policy.refusal(a.ip()) {
+                            err(inst.span(), format!("services[{i}].instances[{j}]"), why);
+                        }
+                        instances.push(a);
+                    }
                     Err(_) => err(
                         inst.span(),
                         format!("services[{i}].instances[{j}]"),
@@ -621,6 +711,42 @@ impl RawConfig {
                     e.to_string(),
                 );
             }
+            let mut policy = PolicyConfig::default();
+            {
+                let mut bad = |span: Range<usize>, (k, m): (String, String)| {
+                    err(span, format!("routes[{i}].{k}"), m);
+                };
+                if let Some(v) = &r.version {
+                    match v.get_ref().resolve() {
+                        Ok(x) => policy.version = Some(x),
+                        Err(e) => bad(v.span(), e),
+                    }
+                }
+                if let Some(v) = &r.deprecated {
+                    match v.get_ref().resolve() {
+                        Ok(x) => policy.deprecated = Some(x),
+                        Err(e) => bad(v.span(), e),
+                    }
+                }
+                if let Some(v) = &r.rate_limit {
+                    match v.get_ref().resolve(&prefix) {
+                        Ok(x) => policy.rate_limit = Some(x),
+                        Err(e) => bad(v.span(), e),
+                    }
+                }
+                if let Some(v) = &r.idempotency {
+                    match v.get_ref().resolve(&prefix, timeout) {
+                        Ok(x) => policy.idempotency = Some(x),
+                        Err(e) => bad(v.span(), e),
+                    }
+                }
+                if let Some(v) = &r.cors {
+                    match v.get_ref().resolve() {
+                        Ok(x) => policy.cors = Some(x),
+                        Err(e) => bad(v.span(), e),
+                    }
+                }
+            }
             let cfg = RouteConfig {
                 prefix,
                 service,
@@ -635,6 +761,7 @@ impl RawConfig {
                 balance: r.balance,
                 max_body_bytes: r.max_body_bytes,
                 retry_buffer_bytes: r.retry_buffer_bytes.min(r.max_body_bytes),
+                policy,
             };
             if let Some(j) = routes.iter().position(|o| overlaps(o, &cfg)) {
                 err(
@@ -652,6 +779,11 @@ impl RawConfig {
         }
 
         if errors.is_empty() {
+            let admin_token = g
+                .admin_token
+                .clone()
+                .or_else(|| self.registry.token.clone())
+                .filter(|t| !t.is_empty());
             Ok(Config {
                 gateway: g,
                 registry: RegistrySettings {
@@ -660,6 +792,8 @@ impl RawConfig {
                 },
                 services,
                 routes,
+                upstream_policy,
+                admin_token,
             })
         } else {
             Err(ConfigErrors(errors))
@@ -675,6 +809,22 @@ fn overlaps(a: &RouteConfig, b: &RouteConfig) -> bool {
             (Some(x), Some(y)) => x.iter().any(|m| y.contains(m)),
             _ => true,
         }
+}
+
+/// The span of the first `key =` in `text` (for keys without a serde span).
+fn key_span(text: &str, key: &str) -> Range<usize> {
+    let mut from = 0;
+    while let Some(i) = text[from..].find(key) {
+        let at = from + i;
+        let before_ok =
+            at == 0 || text[..at].ends_with(|c: char| c.is_whitespace() || c == '{' || c == ',');
+        let after = text[at + key.len()..].trim_start();
+        if before_ok && after.starts_with('=') {
+            return at..at + key.len();
+        }
+        from = at + key.len();
+    }
+    0..0
 }
 
 /// 1-based line and column of byte offset `pos`.
@@ -754,7 +904,11 @@ fn key_at(text: &str, span: Range<usize>) -> String {
                 depth = depth.saturating_sub(1);
                 token_start = i + 1;
             }
-            ',' => token_start = i + 1,
+            ',' => {
+                // The previous key at this depth is complete.
+                parts.truncate(depth);
+                token_start = i + 1;
+            }
             '=' => {
                 let k = line_prefix[token_start..i].trim().trim_matches('"');
                 parts.truncate(depth);

@@ -59,6 +59,7 @@ pub fn static_sources(config: &Config) -> StaticSources {
                 id: a.to_string(),
                 addr: *a,
                 status: InstanceStatus::Passing,
+                version: None,
             })
             .collect();
         s.set(&svc.name, list);
@@ -112,6 +113,7 @@ fn convert(service: &str, view: &switchboard_registry::ServiceView) -> Vec<Insta
                     Status::Warning => InstanceStatus::Warning,
                     Status::Critical => InstanceStatus::Critical,
                 },
+                version: i.version.clone(),
             })
         })
         .collect()

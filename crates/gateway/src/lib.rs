@@ -30,6 +30,9 @@
 //! - [`server`]: worker threads, `SO_REUSEPORT` listeners, graceful shutdown.
 //! - [`admin`]: `/health`, `/ready`, `/metrics`, `/v1/routes`, `/v1/breakers`, `/openapi.json`.
 //! - [`discovery`]: instance sources: static lists and the registry.
+//! - [`policy`]: the edge-policy phase (one branch for routes without policies), over
+//!   [`versioning`], [`ratelimit`], [`idempotency`], [`cors`]; [`edge_redis`] is their Redis handle.
+//! - [`allowlist`]: the networks upstreams may be in; [`admin_auth`]: bearer token on admin writes.
 //!
 //! # Configuration defaults
 //!
@@ -61,23 +64,39 @@
 //! | `routes[].balance` | `p2c` | or `round_robin` |
 //! | `routes[].max_body_bytes` | `10485760` | larger bodies get 413 |
 //! | `routes[].retry_buffer_bytes` | `65536` | bodies up to this are buffered and replayable |
+//! | `gateway.admin_token` | `registry.token` | bearer token for every write on the admin listener (admin and registry); required off loopback |
+//! | `gateway.upstream_allow` | loopback, `10/8`, `172.16/12`, `192.168/16`, `::1`, `fc00::/7` | networks instances may be in (CIDR or address); others are refused by the registry API (400) and never proxied to |
+//! | `gateway.upstream_deny` | `169.254.0.0/16`, `fe80::/10`, `fd00:ec2::254`, `100.100.100.200` | never proxied to, even inside `upstream_allow` |
+//! | `routes[].version` | none | `{ major = N }` (prefix carries the version) or `{ header = "Api-Version", default = N }`: only instances whose registered version has that semver major |
+//! | `routes[].deprecated` | none | `{ since, sunset, successor }` (RFC 3339 or `YYYY-MM-DD`; URI): `Deprecation: @unix`, `Sunset: HTTP-date`, `Link: <successor>; rel="successor-version"` |
+//! | `routes[].rate_limit` | none | `rate` (required), `per = "1s"`, `burst = rate`, `key = "ip"` (or `"header:NAME"`, `"none"`), `store = "memory://"` (or `redis://HOST:PORT`, fails open), `max_keys = 100000`, `name = prefix` |
+//! | `routes[].idempotency` | none | `ttl = "24h"`, `max_response_bytes = 1048576`, `store = "memory://"` (or `redis://`), `max_keys = 100000`, `max_store_bytes = 67108864`, `client_header`, `name = prefix` |
+//! | `routes[].cors` | none | `origins` (required; or `["*"]`), `methods = ["GET","HEAD","POST"]`, `headers = []`, `expose = []`, `credentials = false`, `max_age = "5s"` |
 
 pub mod access_log;
 pub mod admin;
+pub mod admin_auth;
+pub mod allowlist;
 pub mod body;
 pub mod breaker;
 pub mod config;
 pub mod correlation;
+pub mod cors;
 pub mod discovery;
+pub mod edge_redis;
 pub mod headers;
+pub mod idempotency;
 pub mod metrics;
+pub mod policy;
 pub mod pool;
 pub mod problem;
 pub mod proxy;
+pub mod ratelimit;
 pub mod retry;
 pub mod route;
 pub mod server;
 pub mod upstream;
+pub mod versioning;
 
 use std::collections::HashMap;
 use std::io;
@@ -196,14 +215,34 @@ impl GatewayBuilder {
         } else {
             AccessLog::disabled()
         };
-        let states: Vec<RouteState> = cfg
-            .routes
-            .iter()
-            .map(|r| RouteState {
-                upstreams: Arc::new(RouteUpstreams::new(r.balance, r.breaker.clone())),
+        if !cfg.gateway.admin.ip().is_loopback() && cfg.admin_token.is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                RunError::InsecureAdmin(cfg.gateway.admin).to_string(),
+            ));
+        }
+        let mut redis = policy::RedisHandles::default();
+        let mut states: Vec<RouteState> = Vec::with_capacity(cfg.routes.len());
+        for r in &cfg.routes {
+            let filter = upstream::SnapshotFilter {
+                networks: cfg.upstream_policy.clone(),
+                version: r.policy.version.clone(),
+            };
+            states.push(RouteState {
+                upstreams: Arc::new(RouteUpstreams::with_filter(
+                    r.balance,
+                    r.breaker.clone(),
+                    filter,
+                )),
                 budget: Budget::new(r.retry.budget_percent, r.retry.min_per_second),
-            })
-            .collect();
+                policy: policy::RoutePolicy::build(r, &mut redis).map_err(|e| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("route `{}`: {e}", r.prefix),
+                    )
+                })?,
+            });
+        }
         for (r, st) in cfg.routes.iter().zip(&states) {
             let service = r.service.clone();
             let listener = self.on_breaker.clone();
@@ -255,6 +294,7 @@ impl GatewayBuilder {
         if let Some(extra) = self.admin_extra {
             app = app.merge(extra);
         }
+        app = admin_auth::protect_writes(app, cfg.admin_token.clone());
         let admin_listener = tokio::net::TcpListener::bind(cfg.gateway.admin).await?;
         let admin_addr = admin_listener.local_addr()?;
         let mut admin_shutdown = shutdown_rx.clone();
@@ -338,8 +378,10 @@ pub enum RunError {
     /// A listener could not be bound.
     #[error("cannot listen: {0}")]
     Io(#[from] io::Error),
-    /// The admin listener (which serves registry writes) is off loopback without a token.
-    #[error("refusing to serve the admin API on non-loopback {0} without `registry.token`")]
+    /// The admin listener (which serves admin and registry writes) is off loopback without a token.
+    #[error(
+        "refusing to serve the admin API on non-loopback {0} without a token (set `gateway.admin_token` or `registry.token`)"
+    )]
     InsecureAdmin(SocketAddr),
 }
 
@@ -371,11 +413,14 @@ pub async fn start(config: Config) -> Result<WithRegistry, RunError> {
     use switchboard_registry::http::{self as reg_http, HttpOptions};
     use switchboard_registry::{PassiveOutcome, Registry, RegistryOptions};
 
-    let token = config.registry.token.clone().filter(|t| !t.is_empty());
+    let token = config.admin_token.clone();
     if !config.gateway.admin.ip().is_loopback() && token.is_none() {
         return Err(RunError::InsecureAdmin(config.gateway.admin));
     }
-    let registry = Registry::open(&config.registry.store, RegistryOptions::default()).await?;
+    // The registry refuses registrations outside `gateway.upstream_allow`
+    // (400 naming the address); discovery filters again (shared stores).
+    let options = RegistryOptions::default().network(config.upstream_policy.to_registry());
+    let registry = Registry::open(&config.registry.store, options).await?;
     discovery::register_static(&registry, &config).await?;
     let services = config.routes.iter().map(|r| r.service.clone());
     let sources = discovery::registry_sources(&registry, services);

@@ -25,6 +25,16 @@ pub enum Problem {
     BreakerOpen,
     /// 504: the upstream did not answer in time.
     GatewayTimeout,
+    /// 400: a header the route reads is malformed (the connection stays usable).
+    InvalidRequest,
+    /// 403: a CORS preflight from an origin the route does not allow.
+    CorsDenied,
+    /// 429: over the route's rate limit.
+    TooManyRequests,
+    /// 409: a request with this idempotency key is still in flight.
+    IdempotencyInFlight,
+    /// 422: the idempotency key was used with a different request.
+    IdempotencyMismatch,
 }
 
 impl Problem {
@@ -37,6 +47,11 @@ impl Problem {
             Problem::BadGateway => StatusCode::BAD_GATEWAY,
             Problem::NoHealthyInstance | Problem::BreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
             Problem::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Problem::InvalidRequest => StatusCode::BAD_REQUEST,
+            Problem::CorsDenied => StatusCode::FORBIDDEN,
+            Problem::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            Problem::IdempotencyInFlight => StatusCode::CONFLICT,
+            Problem::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
         }
     }
 
@@ -50,6 +65,11 @@ impl Problem {
             Problem::NoHealthyInstance => "/problems/no-healthy-instance",
             Problem::BreakerOpen => "/problems/breaker-open",
             Problem::GatewayTimeout => "/problems/gateway-timeout",
+            Problem::InvalidRequest => "/problems/invalid-request",
+            Problem::CorsDenied => "/problems/cors-origin-denied",
+            Problem::TooManyRequests => "/problems/rate-limited",
+            Problem::IdempotencyInFlight => "/problems/idempotency-key-in-flight",
+            Problem::IdempotencyMismatch => "/problems/idempotency-key-reused",
         }
     }
 
@@ -63,6 +83,11 @@ impl Problem {
             Problem::NoHealthyInstance => "No healthy instance",
             Problem::BreakerOpen => "Circuit breaker open",
             Problem::GatewayTimeout => "Gateway timeout",
+            Problem::InvalidRequest => "Invalid request",
+            Problem::CorsDenied => "Origin not allowed",
+            Problem::TooManyRequests => "Too many requests",
+            Problem::IdempotencyInFlight => "Idempotency key in flight",
+            Problem::IdempotencyMismatch => "Idempotency key reused",
         }
     }
 }

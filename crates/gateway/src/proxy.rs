@@ -37,7 +37,7 @@ use crate::metrics::{AttemptOutcome, Metrics};
 use crate::pool::{self, Conn, PoolConfig};
 use crate::problem::{self, Problem};
 use crate::retry::{Budget, backoff, is_idempotent};
-use crate::route::{RouteTable, rewrite};
+use crate::route::{RouteMatch, RouteTable, rewrite};
 use crate::upstream::{Pick, RouteUpstreams, Upstream};
 
 /// Per-route runtime state.
@@ -47,6 +47,8 @@ pub struct RouteState {
     pub upstreams: Arc<RouteUpstreams>,
     /// The route's retry budget.
     pub budget: Budget,
+    /// Edge policies needing work per request; `None` costs one branch.
+    pub policy: Option<Box<crate::policy::RoutePolicy>>,
 }
 
 /// The engine: everything the request path reads. Built once and leaked to
@@ -264,7 +266,7 @@ impl Gateway {
         }
     }
 
-    fn problem(
+    pub(crate) fn problem(
         &'static self,
         mut fin: Finish,
         p: Problem,
@@ -276,6 +278,29 @@ impl Gateway {
         fin.status = res.status().as_u16();
         res.body_mut().set_finish(fin);
         res
+    }
+
+    /// Answers with a response the gateway made (preflight, replay).
+    pub(crate) fn reply(
+        &'static self,
+        mut fin: Finish,
+        mut res: Response<ResBody>,
+    ) -> Response<ResBody> {
+        res.headers_mut()
+            .insert(X_REQUEST_ID.clone(), fin.request_id.clone());
+        fin.status = res.status().as_u16();
+        res.body_mut().set_finish(fin);
+        res
+    }
+
+    /// The routes.
+    pub(crate) fn route_table(&self) -> &RouteTable {
+        &self.routes
+    }
+
+    /// Per-route state, in route order.
+    pub(crate) fn route_states(&self) -> &[RouteState] {
+        &self.states
     }
 
     /// Phase 1: returns the request id, or an early answer.
@@ -299,7 +324,7 @@ impl Gateway {
         conn: &ConnInfo,
     ) -> Response<ResBody> {
         let start = Instant::now();
-        let (mut parts, body) = req.into_parts();
+        let (parts, body) = req.into_parts();
         let (request_id, early) = self.request_filter(&parts.headers, conn);
         let method = parts.method.clone();
         if let Some(p) = early {
@@ -315,43 +340,98 @@ impl Gateway {
         // Phase 2: route. The Host header only narrows among configured routes.
         let host = parts.headers.get(header::HOST).map(HeaderValue::as_bytes);
         let Some(route) = self.routes.find(&parts.method, host, parts.uri.path()) else {
+            // A CORS preflight is an OPTIONS for a route that may only list
+            // the method it announces.
+            if let Some(route) = crate::policy::preflight_route(self, &parts) {
+                let fin = self.finish(start, Some(route.index), request_id, method);
+                return crate::policy::preflight(self, route, &parts, fin);
+            }
             let fin = self.finish(start, None, request_id, method);
             return self.problem(fin, Problem::NoRoute, "no route matches this request", None);
         };
         let cfg = &route.config;
         let state = &self.states[route.index];
-        let mut fin = self.finish(start, Some(route.index), request_id, method);
+        let fin = self.finish(start, Some(route.index), request_id, method);
         if content_length(&parts.headers).is_some_and(|n| n > cfg.max_body_bytes) {
             let detail = format!("request body exceeds {} bytes", cfg.max_body_bytes);
             return self.problem(fin, Problem::PayloadTooLarge, &detail, None);
         }
+        // Edge policies (rate limit, CORS, versioning, idempotency): one
+        // branch when the route has none.
+        if let Some(policy) = state.policy.as_deref() {
+            return Box::pin(crate::policy::handle(
+                self, policy, route, parts, body, fin, client, start,
+            ))
+            .await;
+        }
+        self.forward(route, parts, body, fin, client, start, None)
+            .await
+    }
+
+    /// Phases 3 to 7 for a routed request.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn forward(
+        &'static self,
+        route: &'static RouteMatch,
+        parts: http::request::Parts,
+        body: Incoming,
+        fin: Finish,
+        client: SocketAddr,
+        start: Instant,
+        major: Option<u64>,
+    ) -> Response<ResBody> {
+        let cfg = &route.config;
         let deadline = tokio::time::Instant::from_std(start + cfg.timeout);
-
         // Phase 3: body.
-        let body = match read_body(body, cfg, deadline).await {
+        let body = match self.read_body(body, cfg, deadline).await {
             Ok(b) => b,
-            Err(BodyError::TooLarge) => {
-                let detail = format!("request body exceeds {} bytes", cfg.max_body_bytes);
-                return self.problem(fin, Problem::PayloadTooLarge, &detail, None);
-            }
-            Err(BodyError::Client) => {
-                return self.problem(
-                    fin,
-                    Problem::BadRequest,
-                    "the request body could not be read",
-                    None,
-                );
-            }
-            Err(BodyError::Timeout) => {
-                return self.problem(
-                    fin,
-                    Problem::GatewayTimeout,
-                    "the request body did not arrive in time",
-                    None,
-                );
-            }
+            Err(p) => return self.problem(fin, p.0, &p.1, None),
         };
+        self.forward_body(route, parts, body, fin, client, start, major)
+            .await
+    }
 
+    /// Phase 3: the body, buffered when small enough to replay; an error is
+    /// the problem to answer with.
+    pub(crate) async fn read_body(
+        &'static self,
+        body: Incoming,
+        cfg: &RouteConfig,
+        deadline: tokio::time::Instant,
+    ) -> Result<ReqBody, (Problem, String)> {
+        match read_body(body, cfg, deadline).await {
+            Ok(b) => Ok(b),
+            Err(BodyError::TooLarge) => Err((
+                Problem::PayloadTooLarge,
+                format!("request body exceeds {} bytes", cfg.max_body_bytes),
+            )),
+            Err(BodyError::Client) => Err((
+                Problem::BadRequest,
+                "the request body could not be read".into(),
+            )),
+            Err(BodyError::Timeout) => Err((
+                Problem::GatewayTimeout,
+                "the request body did not arrive in time".into(),
+            )),
+        }
+    }
+
+    /// Phases 4 to 7 with the body read. `major` narrows the instances to
+    /// one major version (header versioning).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn forward_body(
+        &'static self,
+        route: &'static RouteMatch,
+        mut parts: http::request::Parts,
+        body: ReqBody,
+        mut fin: Finish,
+        client: SocketAddr,
+        start: Instant,
+        major: Option<u64>,
+    ) -> Response<ResBody> {
+        let cfg = &route.config;
+        let state = &self.states[route.index];
+        let deadline = tokio::time::Instant::from_std(start + cfg.timeout);
         let too_large = match &body {
             ReqBody::Stream(s) => Some(Arc::clone(&s.too_large)),
             _ => None,
@@ -379,7 +459,7 @@ impl Gateway {
         loop {
             fin.attempts += 1;
             let attempt = fin.attempts;
-            let upstream = match state.upstreams.pick(tried.as_slice()) {
+            let upstream = match state.upstreams.pick_major(tried.as_slice(), major) {
                 Pick::Instance(u) => u,
                 Pick::NoneHealthy => {
                     if let Some(res) = pending_response.take() {

@@ -146,6 +146,7 @@ mod tests {
             balance: Balance::P2c,
             max_body_bytes: 1,
             retry_buffer_bytes: 1,
+            policy: Default::default(),
         }
     }
 

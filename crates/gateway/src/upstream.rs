@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use crate::breaker::InstanceBreaker;
 use crate::config::{Balance, RawBreaker};
 use crate::correlation::random_below;
+use crate::versioning::VersionSelect;
 
 /// Health of an instance as discovery reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -53,6 +54,8 @@ pub struct Instance {
     pub addr: SocketAddr,
     /// Its health.
     pub status: InstanceStatus,
+    /// Its registered semantic version, if any (versioned routes select by major).
+    pub version: Option<semver::Version>,
 }
 
 /// A service's instance list, as published by discovery.
@@ -74,6 +77,8 @@ pub struct Upstream {
     pub breaker: InstanceBreaker,
     /// A failure was reported to passive health and no success since.
     pub suspect: AtomicBool,
+    /// Major of the registered version.
+    pub major: Option<u64>,
 }
 
 #[repr(align(128))]
@@ -112,6 +117,9 @@ pub struct Upstreams {
     pub passing: Vec<Arc<Upstream>>,
     /// Instances known to discovery, with their status (for metrics).
     pub all: Vec<Instance>,
+    /// Passing instances by major version, for routes that read the major
+    /// from a header (empty otherwise).
+    pub by_major: Vec<(u64, Vec<Arc<Upstream>>)>,
 }
 
 /// The balancer's answer.
@@ -134,16 +142,32 @@ pub struct RouteUpstreams {
     balance: Balance,
     rr: AtomicUsize,
     breaker: RawBreaker,
+    filter: SnapshotFilter,
+}
+
+/// What a route keeps of discovery's list, applied once per update.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotFilter {
+    /// Networks instances may be in; others are dropped (never connected to).
+    pub networks: crate::allowlist::UpstreamPolicy,
+    /// How the route selects by major version.
+    pub version: Option<VersionSelect>,
 }
 
 impl RouteUpstreams {
     /// An empty set (filled by [`RouteUpstreams::update`]).
     pub fn new(balance: Balance, breaker: RawBreaker) -> Self {
+        Self::with_filter(balance, breaker, SnapshotFilter::default())
+    }
+
+    /// An empty set whose snapshots keep only what `filter` allows.
+    pub fn with_filter(balance: Balance, breaker: RawBreaker, filter: SnapshotFilter) -> Self {
         Self {
             current: ArcSwap::from_pointee(Upstreams::default()),
             balance,
             rr: AtomicUsize::new(0),
             breaker,
+            filter,
         }
     }
 
@@ -151,9 +175,21 @@ impl RouteUpstreams {
     /// (breaker, load) of instances that are still there.
     pub fn update(&self, list: &[Instance], on_breaker_change: &crate::breaker::OnChange) {
         let old = self.current.load_full();
-        let passing = list
+        let pinned = match &self.filter.version {
+            Some(VersionSelect::Pinned(m)) => Some(*m),
+            _ => None,
+        };
+        let passing: Vec<Arc<Upstream>> = list
             .iter()
             .filter(|i| i.status == InstanceStatus::Passing)
+            .filter(|i| {
+                let ok = self.filter.networks.permits(i.addr.ip());
+                if !ok {
+                    tracing::warn!(instance = %i.id, address = %i.addr, "instance address is outside gateway.upstream_allow; never proxied to");
+                }
+                ok
+            })
+            .filter(|i| pinned.is_none_or(|m| i.version.as_ref().is_some_and(|v| v.major == m)))
             .map(|i| {
                 old.passing
                     .iter()
@@ -168,20 +204,44 @@ impl RouteUpstreams {
                             outstanding: Load::default(),
                             breaker: InstanceBreaker::new(&self.breaker, i, on_breaker_change),
                             suspect: AtomicBool::new(false),
+                            major: i.version.as_ref().map(|v| v.major),
                         })
                     })
             })
             .collect();
+        let mut by_major: Vec<(u64, Vec<Arc<Upstream>>)> = Vec::new();
+        if let Some(VersionSelect::Header { .. }) = &self.filter.version {
+            for u in &passing {
+                let Some(m) = u.major else { continue };
+                match by_major.iter_mut().find(|(x, _)| *x == m) {
+                    Some((_, l)) => l.push(Arc::clone(u)),
+                    None => by_major.push((m, vec![Arc::clone(u)])),
+                }
+            }
+        }
         self.current.store(Arc::new(Upstreams {
             passing,
             all: list.to_vec(),
+            by_major,
         }));
     }
 
     /// Picks an instance not in `tried` whose breaker admits a call.
     pub fn pick(&self, tried: &[SocketAddr]) -> Pick {
+        self.pick_major(tried, None)
+    }
+
+    /// [`pick`](Self::pick) among the instances of one major version
+    /// (`None`: all the route's instances).
+    pub fn pick_major(&self, tried: &[SocketAddr], major: Option<u64>) -> Pick {
         let snap = self.current.load();
-        let list = &snap.passing;
+        let list = match major {
+            None => &snap.passing,
+            Some(m) => match snap.by_major.iter().find(|(x, _)| *x == m) {
+                Some((_, l)) => l,
+                None => return Pick::NoneHealthy,
+            },
+        };
         let n = list.len();
         if n == 0 {
             return Pick::NoneHealthy;
@@ -228,7 +288,7 @@ impl RouteUpstreams {
         }
         if !any_untried && !tried.is_empty() {
             // Every instance was tried once: a retry may go to any of them again.
-            return self.pick(&[]);
+            return self.pick_major(&[], major);
         }
         match soonest {
             Some(after) => Pick::AllOpen(after),

@@ -254,6 +254,7 @@ impl Harness {
                 id: a.to_string(),
                 addr: *a,
                 status: InstanceStatus::Passing,
+                version: None,
             })
             .collect();
         assert!(self.sources.update(service, list));
