@@ -1,5 +1,7 @@
 //! `switchboard gateway --config FILE`: runs the gateway with its registry
 //! until Ctrl-C or SIGTERM, then drains in-flight requests and exits 0.
+//! `SIGHUP`, an edit of the file, or `POST /v1/reload` on the admin listener
+//! reloads routes, services and policies without dropping a connection.
 
 use std::path::PathBuf;
 
@@ -26,7 +28,11 @@ pub fn run(args: &GatewayArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime
-        .block_on(switchboard_gateway::run(config, shutdown_signal()))
+        .block_on(switchboard_gateway::run_file(
+            &args.config,
+            config,
+            shutdown_signal(),
+        ))
         .context("running the gateway")
 }
 

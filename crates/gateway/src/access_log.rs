@@ -29,8 +29,8 @@ pub struct AccessRecord {
     pub request_id: HeaderValue,
     /// Request method.
     pub method: Method,
-    /// Index of the matched route, if any.
-    pub route: Option<usize>,
+    /// Labels of the matched route, if any.
+    pub route: Option<&'static RouteLabels>,
     /// The instance that produced the final answer, if any.
     pub instance: Option<SocketAddr>,
     /// Status sent to the client.
@@ -211,7 +211,7 @@ impl AccessLog {
 
     /// Starts the log thread. `dispatch` receives the events; `None` writes
     /// JSON lines to stdout, buffered.
-    pub fn spawn(labels: Vec<RouteLabels>, dispatch: Option<Dispatch>) -> std::io::Result<Self> {
+    pub fn spawn(dispatch: Option<Dispatch>) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Vec<AccessRecord>>();
         let (dispatch, buffer) = match dispatch {
             Some(d) => (d, None),
@@ -222,7 +222,7 @@ impl AccessLog {
         };
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || run(&rx, &labels, &dispatch, buffer.as_ref()))?;
+            .spawn(move || run(&rx, &dispatch, buffer.as_ref()))?;
         Ok(Self { tx: Some(tx) })
     }
 
@@ -260,7 +260,6 @@ impl AccessLog {
 
 fn run(
     rx: &mpsc::Receiver<Vec<AccessRecord>>,
-    labels: &[RouteLabels],
     dispatch: &Dispatch,
     buffer: Option<&Arc<JsonLines>>,
 ) {
@@ -272,7 +271,7 @@ fn run(
                 match rx.try_recv() {
                     Ok(batch) => {
                         for rec in &batch {
-                            emit(rec, labels);
+                            emit(rec);
                         }
                         wrote = true;
                     }
@@ -297,10 +296,9 @@ fn run(
     }
 }
 
-fn emit(rec: &AccessRecord, labels: &[RouteLabels]) {
+fn emit(rec: &AccessRecord) {
     let (route, service) = rec
         .route
-        .and_then(|i| labels.get(i))
         .map_or(("", ""), |l| (l.route.as_str(), l.service.as_str()));
     let instance = rec.instance.map(tracing::field::display);
     tracing::info!(
@@ -326,24 +324,21 @@ mod tests {
     fn json_lines_escape_and_parse() {
         let lines = Arc::new(JsonLines::new());
         let dispatch = Dispatch::new(Arc::clone(&lines));
-        let labels = vec![RouteLabels {
+        let labels: &'static RouteLabels = Box::leak(Box::new(RouteLabels {
             route: "/a\"b".into(),
             service: "svc".into(),
-        }];
+        }));
         tracing::dispatcher::with_default(&dispatch, || {
-            emit(
-                &AccessRecord {
-                    request_id: HeaderValue::from_static("id\\with\"quotes"),
-                    method: Method::POST,
-                    route: Some(0),
-                    instance: Some("127.0.0.1:80".parse().unwrap()),
-                    status: 502,
-                    duration: Duration::from_micros(1234),
-                    attempts: 2,
-                    complete: true,
-                },
-                &labels,
-            );
+            emit(&AccessRecord {
+                request_id: HeaderValue::from_static("id\\with\"quotes"),
+                method: Method::POST,
+                route: Some(labels),
+                instance: Some("127.0.0.1:80".parse().unwrap()),
+                status: 502,
+                duration: Duration::from_micros(1234),
+                attempts: 2,
+                complete: true,
+            });
         });
         let text = String::from_utf8(lines.take()).unwrap();
         assert!(text.ends_with('\n'));

@@ -10,10 +10,11 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde_json::{Value, json};
 
 use crate::proxy::Gateway;
+use crate::reload::{ReloadError, Reloader};
 use crate::upstream::InstanceStatus;
 
 /// Shared state of the admin handlers.
@@ -21,6 +22,8 @@ use crate::upstream::InstanceStatus;
 pub struct AdminState {
     /// The engine.
     pub gw: &'static Gateway,
+    /// Swaps configurations (`POST /v1/reload`).
+    pub reloader: Arc<Reloader>,
     /// False once shutdown started.
     pub ready: Arc<AtomicBool>,
     /// Extra OpenAPI paths merged into `/openapi.json`.
@@ -46,8 +49,46 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/routes", get(routes))
         .route("/v1/breakers", get(breakers))
+        .route("/v1/reload", post(reload))
         .route("/openapi.json", get(openapi))
         .with_state(state)
+}
+
+fn problem(status: StatusCode, title: &str, detail: &str) -> Response {
+    let mut res = (
+        status,
+        axum::Json(json!({
+            "type": "about:blank",
+            "title": title,
+            "status": status.as_u16(),
+            "detail": detail,
+        })),
+    )
+        .into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    res
+}
+
+/// `POST /v1/reload`: re-reads the config file; 422 with the `switchboard
+/// check` errors when it is invalid (the old config keeps serving). Like
+/// every admin write it needs the admin token ([`crate::admin_auth`]).
+async fn reload(State(s): State<AdminState>) -> Response {
+    match s.reloader.reload_file(None).await {
+        Ok(routes) => axum::Json(json!({"status": "reloaded", "routes": routes})).into_response(),
+        Err(ReloadError::NoFile) => problem(
+            StatusCode::CONFLICT,
+            "Conflict",
+            "the gateway was not started from a config file",
+        ),
+        Err(e) => problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid configuration",
+            &e.to_string(),
+        ),
+    }
 }
 
 async fn health() -> impl IntoResponse {
@@ -85,10 +126,11 @@ pub fn render_metrics(gw: &Gateway) -> String {
         "disabled",
         "metrics_only",
     ];
+    let routing = gw.routing();
     out.push_str("# HELP switchboard_gateway_breaker_state Circuit breaker state per route and instance (1 for the current state).\n");
     out.push_str("# TYPE switchboard_gateway_breaker_state gauge\n");
-    for r in gw.routes.routes() {
-        let snap = gw.states[r.index].upstreams.current.load();
+    for r in routing.table.routes() {
+        let snap = routing.states[r.index].upstreams.current.load();
         for u in &snap.passing {
             let state = u.breaker.snapshot().state.as_str();
             for s in STATES {
@@ -106,13 +148,13 @@ pub fn render_metrics(gw: &Gateway) -> String {
     out.push_str("# HELP switchboard_gateway_instances Instances known to discovery, by service and status.\n");
     out.push_str("# TYPE switchboard_gateway_instances gauge\n");
     let mut seen: Vec<&str> = Vec::new();
-    for r in gw.routes.routes() {
+    for r in routing.table.routes() {
         let service = r.config.service.as_str();
         if seen.contains(&service) {
             continue;
         }
         seen.push(service);
-        let snap = gw.states[r.index].upstreams.current.load();
+        let snap = routing.states[r.index].upstreams.current.load();
         for st in [
             InstanceStatus::Passing,
             InstanceStatus::Warning,
@@ -144,14 +186,14 @@ async fn metrics(State(s): State<AdminState>) -> Response {
 }
 
 async fn routes(State(s): State<AdminState>) -> impl IntoResponse {
-    let list: Vec<Value> = s
-        .gw
-        .routes
+    let routing = s.gw.routing();
+    let list: Vec<Value> = routing
+        .table
         .routes()
         .iter()
         .map(|r| {
             let c = &r.config;
-            let snap = s.gw.states[r.index].upstreams.current.load();
+            let snap = routing.states[r.index].upstreams.current.load();
             json!({
                 "prefix": c.prefix,
                 "service": c.service,
@@ -174,8 +216,9 @@ async fn routes(State(s): State<AdminState>) -> impl IntoResponse {
 
 async fn breakers(State(s): State<AdminState>) -> impl IntoResponse {
     let mut list = Vec::new();
-    for r in s.gw.routes.routes() {
-        let snap = s.gw.states[r.index].upstreams.current.load();
+    let routing = s.gw.routing();
+    for r in routing.table.routes() {
+        let snap = routing.states[r.index].upstreams.current.load();
         for u in &snap.passing {
             let b = u.breaker.snapshot();
             list.push(json!({
@@ -207,6 +250,7 @@ pub fn openapi_paths() -> Value {
         "/v1/routes": {"get": {"summary": "The route table with instance counts", "responses": {"200": arr("routes")}}},
         "/v1/breakers": {"get": {"summary": "Circuit breaker per route and instance", "responses": {"200": arr("breakers")}}},
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": obj("OpenAPI 3.1 document")}}},
+        "/v1/reload": {"post": {"summary": "Re-read the config file and swap routes, services and policies (bearer token when an admin token is set)", "responses": {"200": obj("reloaded: {status, routes}"), "401": obj("missing or wrong token"), "409": obj("not started from a file"), "422": obj("invalid config; the old one keeps serving")}}},
     })
 }
 

@@ -133,6 +133,30 @@ pub struct RawGateway {
     pub upstream_allow: Vec<String>,
     /// Networks it never proxies to, even inside `upstream_allow`.
     pub upstream_deny: Vec<String>,
+    /// `[gateway.tls]`: terminate TLS on `listen` (HTTP/1.1 and HTTP/2 by ALPN).
+    pub tls: Option<RawTls>,
+}
+
+/// `[gateway.tls]`: PEM files, relative to the config file's directory.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// Certificate chain (leaf first), PEM.
+    pub cert: Spanned<PathBuf>,
+    /// Private key (PKCS#8, PKCS#1 or SEC1), PEM.
+    pub key: Spanned<PathBuf>,
+}
+
+/// How the gateway talks to a service's instances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// HTTP/1.1, a pool of connections per instance (and WebSocket upgrades).
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext (prior knowledge): one multiplexed connection
+    /// per instance and worker; needed for gRPC.
+    H2c,
 }
 
 impl Default for RawGateway {
@@ -158,6 +182,7 @@ impl Default for RawGateway {
                 .iter()
                 .map(|s| (*s).to_owned())
                 .collect(),
+            tls: None,
         }
     }
 }
@@ -192,6 +217,9 @@ pub struct RawService {
     pub instances: Vec<Spanned<String>>,
     /// Active health check; without one, static instances are passing.
     pub health: Option<RawHealth>,
+    /// `http1` (default) or `h2c`; a route may override it.
+    #[serde(default)]
+    pub protocol: Protocol,
 }
 
 /// `health = { ... }`.
@@ -283,6 +311,9 @@ pub struct RawRoute {
     /// CORS ([`crate::cors`]).
     #[serde(default)]
     pub cors: Option<Spanned<crate::cors::RawCors>>,
+    /// `http1` or `h2c` upstream (defaults to the service's `protocol`).
+    #[serde(default)]
+    pub protocol: Option<Protocol>,
 }
 
 fn default_max_body() -> u64 {
@@ -324,7 +355,7 @@ impl Default for RawRetry {
 }
 
 /// `breaker = { ... }`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawBreaker {
     /// Failure rate in `(0, 1]` over the window that opens the breaker.
@@ -402,6 +433,8 @@ pub struct ServiceConfig {
     pub instances: Vec<SocketAddr>,
     /// Active health check.
     pub health: Option<RawHealth>,
+    /// Upstream protocol.
+    pub protocol: Protocol,
 }
 
 /// A resolved route.
@@ -433,6 +466,8 @@ pub struct RouteConfig {
     pub max_body_bytes: u64,
     /// Replay buffer limit.
     pub retry_buffer_bytes: u64,
+    /// Upstream protocol (the route's, else the service's).
+    pub protocol: Protocol,
     /// Edge policies (versioning, rate limit, idempotency, CORS).
     pub policy: PolicyConfig,
 }
@@ -487,7 +522,18 @@ impl RawConfig {
         let mut err = |span: Range<usize>, key: String, msg: String| {
             errors.push(locate(file, text, span, Some(key), msg));
         };
-        let g = self.gateway;
+        let mut g = self.gateway;
+        if let Some(tls) = &mut g.tls {
+            // Relative paths are relative to the config file.
+            let dir = file.parent().unwrap_or(Path::new(""));
+            for (name, p) in [("cert", &mut tls.cert), ("key", &mut tls.key)] {
+                let joined = dir.join(p.get_ref());
+                *p.get_mut() = joined;
+                if let Err(e) = crate::tls::check_file(name, p.get_ref()) {
+                    err(p.span(), format!("gateway.tls.{name}"), e);
+                }
+            }
+        }
         if g.max_header_bytes < 1024 {
             err(
                 0..0,
@@ -602,6 +648,7 @@ impl RawConfig {
                 name,
                 instances,
                 health: s.health,
+                protocol: s.protocol,
             });
         }
 
@@ -762,6 +809,12 @@ impl RawConfig {
                 max_body_bytes: r.max_body_bytes,
                 retry_buffer_bytes: r.retry_buffer_bytes.min(r.max_body_bytes),
                 policy,
+                protocol: r.protocol.unwrap_or_else(|| {
+                    services
+                        .iter()
+                        .find(|s| s.name == r.service.get_ref().as_str())
+                        .map_or_else(Protocol::default, |s| s.protocol)
+                }),
             };
             if let Some(j) = routes.iter().position(|o| overlaps(o, &cfg)) {
                 err(

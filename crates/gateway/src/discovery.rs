@@ -143,3 +143,55 @@ pub async fn register_static(
     }
     Ok(())
 }
+
+/// Discovery through a [`Registry`](switchboard_registry::Registry): one
+/// watch per service (made on first use), and on reload the config's static
+/// instances are registered and the ones it dropped deregistered.
+#[derive(Debug)]
+pub struct RegistryDiscovery {
+    registry: switchboard_registry::Registry,
+    watches: parking_lot::Mutex<HashMap<String, watch::Receiver<InstanceList>>>,
+}
+
+impl RegistryDiscovery {
+    /// Follows `registry`.
+    pub fn new(registry: switchboard_registry::Registry) -> Self {
+        Self {
+            registry,
+            watches: parking_lot::Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl crate::reload::Discovery for RegistryDiscovery {
+    fn source(&self, service: &str) -> Option<watch::Receiver<InstanceList>> {
+        let mut w = self.watches.lock();
+        if let Some(rx) = w.get(service) {
+            return Some(rx.clone());
+        }
+        let rx = registry_sources(&self.registry, [service.to_owned()]).remove(service)?;
+        w.insert(service.to_owned(), rx.clone());
+        Some(rx)
+    }
+
+    fn prepare<'a>(&'a self, old: &'a Config, new: &'a Config) -> crate::reload::PrepareFuture<'a> {
+        Box::pin(async move {
+            register_static(&self.registry, new)
+                .await
+                .map_err(|e| e.to_string())?;
+            for svc in &old.services {
+                let kept = new.services.iter().find(|s| s.name == svc.name);
+                for addr in &svc.instances {
+                    if kept.is_some_and(|k| k.instances.contains(addr)) {
+                        continue;
+                    }
+                    self.registry
+                        .deregister(&svc.name, &addr.to_string())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            Ok(())
+        })
+    }
+}

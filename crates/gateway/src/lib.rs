@@ -23,12 +23,15 @@
 //! - [`breaker`]: per-instance breakers from `switchboard-resilience`.
 //! - [`retry`]: idempotency, jittered backoff, retry budget.
 //! - [`pool`]: per-worker pools of upstream HTTP/1.1 connections.
+//! - [`h2c`]: per-worker shared HTTP/2 upstream connections.
+//! - [`tls`]: rustls termination, ALPN `h2` / `http/1.1`.
+//! - [`reload`]: hot reload of routes, services and policies (arc-swap).
 //! - [`correlation`], [`headers`]: request id, traceparent, forwarding headers.
 //! - [`problem`]: RFC 9457 problem+json errors.
 //! - [`body`]: request and response body types (no boxing).
 //! - [`metrics`], [`access_log`]: atomics-based Prometheus metrics; off-thread access log.
 //! - [`server`]: worker threads, `SO_REUSEPORT` listeners, graceful shutdown.
-//! - [`admin`]: `/health`, `/ready`, `/metrics`, `/v1/routes`, `/v1/breakers`, `/openapi.json`.
+//! - [`admin`]: `/health`, `/ready`, `/metrics`, `/v1/routes`, `/v1/breakers`, `POST /v1/reload`, `/openapi.json`.
 //! - [`discovery`]: instance sources: static lists and the registry.
 //! - [`policy`]: the edge-policy phase (one branch for routes without policies), over
 //!   [`versioning`], [`ratelimit`], [`idempotency`], [`cors`]; [`edge_redis`] is their Redis handle.
@@ -49,9 +52,11 @@
 //! | `gateway.connect_timeout` | `1s` | default upstream connect timeout |
 //! | `gateway.pool_idle_timeout` | `60s` | idle upstream connections older than this are closed |
 //! | `gateway.pool_max_idle` | `64` | idle upstream connections kept per instance and worker |
+//! | `gateway.tls.cert`, `gateway.tls.key` | none (plain HTTP/1.1) | PEM certificate chain and private key, relative to the config file: `listen` terminates TLS (rustls, `ring`) and serves HTTP/2 or HTTP/1.1 as ALPN picks |
 //! | `registry.store` | `memory://` | `memory://` or `redis://HOST:PORT` |
 //! | `registry.token` | none | bearer token for registry writes (required off loopback) |
 //! | `services[].instances` | `[]` | static `IP:PORT`s, registered in the registry |
+//! | `services[].protocol` | `http1` | `h2c`: HTTP/2 cleartext to the instances (gRPC), one multiplexed connection per instance and worker |
 //! | `services[].health` | none (always passing) | `path` `/health`, `interval` `2s`, `timeout` `1s`, `healthy_threshold` `2`, `unhealthy_threshold` `3` |
 //! | `routes[].prefix`, `routes[].service` | required | |
 //! | `routes[].methods`, `routes[].host` | any | narrow the match |
@@ -72,6 +77,29 @@
 //! | `routes[].rate_limit` | none | `rate` (required), `per = "1s"`, `burst = rate`, `key = "ip"` (or `"header:NAME"`, `"none"`), `store = "memory://"` (or `redis://HOST:PORT`, fails open), `max_keys = 100000`, `name = prefix` |
 //! | `routes[].idempotency` | none | `ttl = "24h"`, `max_response_bytes = 1048576`, `store = "memory://"` (or `redis://`), `max_keys = 100000`, `max_store_bytes = 67108864`, `client_header`, `name = prefix` |
 //! | `routes[].cors` | none | `origins` (required; or `["*"]`), `methods = ["GET","HEAD","POST"]`, `headers = []`, `expose = []`, `credentials = false`, `max_age = "5s"` |
+//! | `routes[].protocol` | the service's `protocol` | `http1` or `h2c` for this route |
+//!
+//! # Hot reload
+//!
+//! `switchboard gateway --config FILE` reloads on `SIGHUP`, when the file's
+//! content changes (checked once a second) and on `POST /v1/reload` (an
+//! admin write: bearer token when `gateway.admin_token` is set). Routes, services and every
+//! per-route policy are swapped at once; requests in flight finish on the
+//! config they started with and no connection is closed. An invalid file is
+//! rejected with the errors `switchboard check` prints and the old config
+//! keeps serving (`switchboard_config_reloads_total{result="error"}`). The
+//! `[gateway]` table (listeners, workers, limits, pool, TLS) and `[registry]`
+//! need a restart: a change there is logged and ignored. See [`reload`].
+//!
+//! # Protocols
+//!
+//! Clients: HTTP/1.1, or with `[gateway.tls]` HTTP/1.1 and HTTP/2 over TLS.
+//! Upstreams: HTTP/1.1 (pooled) or h2c (multiplexed). gRPC works through
+//! an h2c route: `te: trailers` is forwarded and response trailers
+//! (`grpc-status`) reach the client. WebSocket (an HTTP/1.1 `Upgrade`) is
+//! spliced to one instance after its `101`; spliced connections count in
+//! `switchboard_gateway_upgraded_connections` and are cut when the drain
+//! deadline passes at shutdown.
 
 pub mod access_log;
 pub mod admin;
@@ -84,6 +112,7 @@ pub mod correlation;
 pub mod cors;
 pub mod discovery;
 pub mod edge_redis;
+pub mod h2c;
 pub mod headers;
 pub mod idempotency;
 pub mod metrics;
@@ -92,9 +121,11 @@ pub mod pool;
 pub mod problem;
 pub mod proxy;
 pub mod ratelimit;
+pub mod reload;
 pub mod retry;
 pub mod route;
 pub mod server;
+pub mod tls;
 pub mod upstream;
 pub mod versioning;
 
@@ -112,12 +143,11 @@ pub use crate::proxy::Gateway;
 pub use crate::upstream::{Instance, InstanceList, InstanceStatus};
 
 use crate::access_log::AccessLog;
-use crate::metrics::{Metrics, RouteLabels};
+use crate::metrics::Metrics;
 use crate::pool::PoolConfig;
-use crate::proxy::RouteState;
-use crate::retry::Budget;
+use crate::proxy::Routing;
+use crate::reload::{Discovery, MapDiscovery, Reloader};
 use crate::route::RouteTable;
-use crate::upstream::RouteUpstreams;
 
 /// Called on breaker transitions with the service name (passive health).
 pub type BreakerListener = Arc<dyn Fn(&str, BreakerEvent) + Send + Sync>;
@@ -126,6 +156,7 @@ pub type BreakerListener = Arc<dyn Fn(&str, BreakerEvent) + Send + Sync>;
 pub struct GatewayBuilder {
     config: Config,
     sources: HashMap<String, watch::Receiver<InstanceList>>,
+    discovery: Option<Arc<dyn Discovery>>,
     access_dispatch: Option<tracing::Dispatch>,
     on_breaker: Option<BreakerListener>,
     admin_extra: Option<axum::Router>,
@@ -148,6 +179,7 @@ impl GatewayBuilder {
         Self {
             config,
             sources: HashMap::new(),
+            discovery: None,
             access_dispatch: None,
             on_breaker: None,
             admin_extra: None,
@@ -161,6 +193,13 @@ impl GatewayBuilder {
     /// has no instances and answers 503).
     pub fn sources(mut self, sources: HashMap<String, watch::Receiver<InstanceList>>) -> Self {
         self.sources.extend(sources);
+        self
+    }
+
+    /// Where services get their instances, now and after a reload (replaces
+    /// [`sources`](Self::sources)).
+    pub fn discovery(mut self, discovery: Arc<dyn Discovery>) -> Self {
+        self.discovery = Some(discovery);
         self
     }
 
@@ -202,16 +241,8 @@ impl GatewayBuilder {
     /// worker threads.
     pub async fn start(self) -> io::Result<RunningGateway> {
         let cfg = self.config;
-        let labels: Vec<RouteLabels> = cfg
-            .routes
-            .iter()
-            .map(|r| RouteLabels {
-                route: r.prefix.clone(),
-                service: r.service.clone(),
-            })
-            .collect();
         let access = if cfg.gateway.access_log {
-            AccessLog::spawn(labels.clone(), self.access_dispatch)?
+            AccessLog::spawn(self.access_dispatch)?
         } else {
             AccessLog::disabled()
         };
@@ -221,58 +252,26 @@ impl GatewayBuilder {
                 RunError::InsecureAdmin(cfg.gateway.admin).to_string(),
             ));
         }
-        let mut redis = policy::RedisHandles::default();
-        let mut states: Vec<RouteState> = Vec::with_capacity(cfg.routes.len());
-        for r in &cfg.routes {
-            let filter = upstream::SnapshotFilter {
-                networks: cfg.upstream_policy.clone(),
-                version: r.policy.version.clone(),
-            };
-            states.push(RouteState {
-                upstreams: Arc::new(RouteUpstreams::with_filter(
-                    r.balance,
-                    r.breaker.clone(),
-                    filter,
-                )),
-                budget: Budget::new(r.retry.budget_percent, r.retry.min_per_second),
-                policy: policy::RoutePolicy::build(r, &mut redis).map_err(|e| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!("route `{}`: {e}", r.prefix),
-                    )
-                })?,
-            });
-        }
-        for (r, st) in cfg.routes.iter().zip(&states) {
-            let service = r.service.clone();
-            let listener = self.on_breaker.clone();
-            let on_change: OnChange = Arc::new(move |ev: BreakerEvent| {
-                tracing::info!(service = %service, instance = %ev.instance, address = %ev.addr, state = ev.state.as_str(), "breaker state changed");
-                if let Some(l) = &listener {
-                    l(&service, ev);
-                }
-            });
-            match self.sources.get(&r.service) {
-                Some(rx) => {
-                    let rx = rx.clone();
-                    // Publish the first snapshot before serving.
-                    st.upstreams.update(&rx.borrow(), &on_change);
-                    tokio::spawn(upstream::follow(Arc::clone(&st.upstreams), rx, on_change));
-                }
-                None => tracing::warn!(service = %r.service, "no instance source for service"),
-            }
-        }
         let gw: &'static Gateway = Box::leak(Box::new(Gateway {
-            routes: RouteTable::new(cfg.routes.clone()),
-            states,
-            metrics: Metrics::new(labels),
+            routing: arc_swap::ArcSwap::from_pointee(Box::leak(Box::new(Routing {
+                table: RouteTable::default(),
+                states: Vec::new(),
+            }))),
+            metrics: Metrics::new(),
             access,
             pool: PoolConfig {
                 idle_timeout: cfg.gateway.pool_idle_timeout,
                 max_idle: cfg.gateway.pool_max_idle,
             },
             passive: self.passive,
+            tls: cfg.gateway.tls.as_ref().map(tls::acceptor).transpose()?,
+            upgrades: tokio_util::task::TaskTracker::new(),
         }));
+        let discovery = self
+            .discovery
+            .unwrap_or_else(|| Arc::new(MapDiscovery(self.sources)));
+        let reloader = Reloader::install(gw, &cfg, discovery, self.on_breaker)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
 
         let workers = if cfg.gateway.workers == 0 {
             std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
@@ -287,6 +286,7 @@ impl GatewayBuilder {
         let ready = Arc::new(AtomicBool::new(true));
         let mut app = admin::router(admin::AdminState {
             gw,
+            reloader: Arc::clone(&reloader),
             ready: Arc::clone(&ready),
             openapi_extra: Arc::new(self.openapi_extra),
             extra_metrics: self.extra_metrics,
@@ -313,6 +313,7 @@ impl GatewayBuilder {
         tracing::info!(%listen, admin = %admin_addr, workers, "gateway listening");
         Ok(RunningGateway {
             gw,
+            reloader,
             listen,
             admin: admin_addr,
             ready,
@@ -328,6 +329,7 @@ impl GatewayBuilder {
 #[derive(Debug)]
 pub struct RunningGateway {
     gw: &'static Gateway,
+    reloader: Arc<Reloader>,
     listen: SocketAddr,
     admin: SocketAddr,
     ready: Arc<AtomicBool>,
@@ -351,6 +353,23 @@ impl RunningGateway {
     /// The engine (for metrics rendering and inspection).
     pub fn gateway(&self) -> &'static Gateway {
         self.gw
+    }
+
+    /// Swaps in new routes, services and policies (see [`reload`]).
+    pub fn reloader(&self) -> &Arc<Reloader> {
+        &self.reloader
+    }
+
+    /// Reloads from `path` on `SIGHUP` and whenever its content changes
+    /// (checked once a second), until shutdown.
+    pub fn watch_config(&self, path: std::path::PathBuf) {
+        let mut stop = self.shutdown.subscribe();
+        let r = Arc::clone(&self.reloader);
+        tokio::spawn(
+            r.watch(path, std::time::Duration::from_secs(1), async move {
+                let _ = stop.wait_for(|v| *v).await;
+            }),
+        );
     }
 
     /// Stops accepting, lets in-flight requests finish (up to the drain
@@ -422,8 +441,6 @@ pub async fn start(config: Config) -> Result<WithRegistry, RunError> {
     let options = RegistryOptions::default().network(config.upstream_policy.to_registry());
     let registry = Registry::open(&config.registry.store, options).await?;
     discovery::register_static(&registry, &config).await?;
-    let services = config.routes.iter().map(|r| r.service.clone());
-    let sources = discovery::registry_sources(&registry, services);
     let mut opts = HttpOptions::default();
     if let Some(t) = token {
         opts = opts.token(t);
@@ -431,7 +448,9 @@ pub async fn start(config: Config) -> Result<WithRegistry, RunError> {
     let reporter = registry.clone();
     let metrics_registry = registry.clone();
     let gateway = GatewayBuilder::new(config)
-        .sources(sources)
+        .discovery(Arc::new(discovery::RegistryDiscovery::new(
+            registry.clone(),
+        )))
         .admin_extra(
             reg_http::router(registry.clone(), opts),
             reg_http::openapi(),
@@ -457,6 +476,22 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), RunError> {
     let running = start(config).await?;
+    shutdown.await;
+    tracing::info!("shutting down: draining in-flight requests");
+    running.shutdown().await;
+    Ok(())
+}
+
+/// [`run`] for a config read from `path`, reloaded on `SIGHUP` and whenever
+/// the file changes (see [`reload`]); `POST /v1/reload` on the admin listener
+/// reloads it too.
+pub async fn run_file(
+    path: &std::path::Path,
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), RunError> {
+    let running = start(config).await?;
+    running.gateway.watch_config(path.to_owned());
     shutdown.await;
     tracing::info!("shutting down: draining in-flight requests");
     running.shutdown().await;

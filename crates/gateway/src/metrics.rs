@@ -71,7 +71,7 @@ struct RouteShard {
 }
 
 /// Labels of one route's series.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteLabels {
     /// The route's prefix.
     pub route: String,
@@ -79,17 +79,58 @@ pub struct RouteLabels {
     pub service: String,
 }
 
+/// One route's counters, sharded per worker thread.
+///
+/// A series lives as long as the process (see [`Metrics::series`]): requests
+/// hold a plain `&'static` to it, so recording touches no reference count,
+/// and a reload that keeps a route's labels keeps counting into the same one.
+pub struct RouteSeries {
+    /// The labels this series is rendered with.
+    pub labels: RouteLabels,
+    shards: [RouteShard; SHARDS],
+}
+
+impl std::fmt::Debug for RouteSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteSeries")
+            .field("labels", &self.labels)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RouteSeries {
+    fn new(labels: RouteLabels) -> Self {
+        Self {
+            labels,
+            shards: Default::default(),
+        }
+    }
+
+    fn local(&self) -> &RouteShard {
+        &self.shards[shard()]
+    }
+
+    fn sum(&self, f: impl Fn(&RouteShard) -> &AtomicU64) -> u64 {
+        self.shards.iter().map(|s| f(s).load(Relaxed)).sum()
+    }
+}
+
 /// All request-path metrics of a gateway.
 pub struct Metrics {
-    labels: Vec<RouteLabels>,
-    /// `[shard][route]`; index `routes.len()` is the "no route" slot.
-    shards: Vec<Box<[RouteShard]>>,
+    /// Every route series ever configured, in order of first use.
+    series: parking_lot::Mutex<Vec<&'static RouteSeries>>,
+    /// Requests that matched no route.
+    no_route: RouteSeries,
+    /// Config reloads: `[ok, error]`.
+    reloads: [AtomicU64; 2],
+    /// Upgraded (WebSocket) connections: `[opened, closed]`.
+    upgrades: [AtomicU64; 2],
 }
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics")
-            .field("routes", &self.labels.len())
+            .field("routes", &self.series.lock().len())
             .finish()
     }
 }
@@ -119,24 +160,63 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
-    /// One slot per route, plus one for requests that matched no route.
-    pub fn new(labels: Vec<RouteLabels>) -> Self {
-        let n = labels.len() + 1;
-        let shards = (0..SHARDS)
-            .map(|_| (0..n).map(|_| RouteShard::default()).collect())
-            .collect();
-        Self { labels, shards }
+    /// No route series yet (add them with [`Metrics::series`]).
+    pub fn new() -> Self {
+        Self {
+            series: parking_lot::Mutex::new(Vec::new()),
+            no_route: RouteSeries::new(RouteLabels {
+                route: String::new(),
+                service: String::new(),
+            }),
+            reloads: Default::default(),
+            upgrades: Default::default(),
+        }
     }
 
-    fn slot(&self, route: Option<usize>) -> &RouteShard {
-        let i = route.unwrap_or(self.labels.len()).min(self.labels.len());
-        &self.shards[shard()][i]
+    /// The series for `labels`, created on first use. Series are never freed
+    /// (deliberately leaked): their number is bounded by the distinct
+    /// (route, service) pairs configured over the process's life, and in
+    /// exchange the request path holds them without a reference count.
+    pub fn series(&self, labels: RouteLabels) -> &'static RouteSeries {
+        let mut all = self.series.lock();
+        if let Some(s) = all.iter().find(|s| s.labels == labels) {
+            return s;
+        }
+        let s: &'static RouteSeries = Box::leak(Box::new(RouteSeries::new(labels)));
+        all.push(s);
+        s
     }
 
-    /// Records a finished request.
-    pub fn request(&self, route: Option<usize>, status: u16, elapsed: Duration) {
-        let s = self.slot(route);
+    /// Counts a config reload attempt.
+    pub fn reload(&self, ok: bool) {
+        self.reloads[usize::from(!ok)].fetch_add(1, Relaxed);
+    }
+
+    /// An upgraded connection started splicing.
+    pub fn upgrade_opened(&self) {
+        self.upgrades[0].fetch_add(1, Relaxed);
+    }
+
+    /// An upgraded connection closed.
+    pub fn upgrade_closed(&self) {
+        self.upgrades[1].fetch_add(1, Relaxed);
+    }
+
+    /// Reloads counted so far: `(ok, error)`.
+    pub fn reloads(&self) -> (u64, u64) {
+        (self.reloads[0].load(Relaxed), self.reloads[1].load(Relaxed))
+    }
+
+    /// Records a finished request (`None`: it matched no route).
+    pub fn request(&self, route: Option<&RouteSeries>, status: u16, elapsed: Duration) {
+        let s = route.unwrap_or(&self.no_route).local();
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         s.status[class].fetch_add(1, Relaxed);
         let us = elapsed.as_micros() as u64;
@@ -148,71 +228,67 @@ impl Metrics {
     }
 
     /// Records an upstream attempt.
-    pub fn attempt(&self, route: usize, outcome: AttemptOutcome) {
+    pub fn attempt(&self, route: &RouteSeries, outcome: AttemptOutcome) {
         let i = AttemptOutcome::ALL
             .iter()
             .position(|&o| o == outcome)
             .unwrap_or(0);
-        self.slot(Some(route)).attempts[i].fetch_add(1, Relaxed);
+        route.local().attempts[i].fetch_add(1, Relaxed);
     }
 
     /// Records a retry.
-    pub fn retry(&self, route: usize) {
-        self.slot(Some(route)).retries.fetch_add(1, Relaxed);
+    pub fn retry(&self, route: &RouteSeries) {
+        route.local().retries.fetch_add(1, Relaxed);
     }
 
     /// Records a retry refused by the budget.
-    pub fn budget_exhausted(&self, route: usize) {
-        self.slot(Some(route))
-            .budget_exhausted
-            .fetch_add(1, Relaxed);
-    }
-
-    fn sum(&self, i: usize, f: impl Fn(&RouteShard) -> &AtomicU64) -> u64 {
-        self.shards.iter().map(|s| f(&s[i]).load(Relaxed)).sum()
+    pub fn budget_exhausted(&self, route: &RouteSeries) {
+        route.local().budget_exhausted.fetch_add(1, Relaxed);
     }
 
     /// Appends the request-path series in Prometheus text format.
     pub fn render(&self, out: &mut String) {
-        let n = self.labels.len();
-        let label = |i: usize| -> String {
-            if i == n {
-                "route=\"\",service=\"\"".to_owned()
-            } else {
-                format!(
-                    "route=\"{}\",service=\"{}\"",
-                    escape(&self.labels[i].route),
-                    escape(&self.labels[i].service)
-                )
-            }
+        let routes: Vec<&'static RouteSeries> = self.series.lock().clone();
+        let label = |s: &RouteSeries| -> String {
+            format!(
+                "route=\"{}\",service=\"{}\"",
+                escape(&s.labels.route),
+                escape(&s.labels.service)
+            )
+        };
+        let with_none = || {
+            routes
+                .iter()
+                .copied()
+                .chain(std::iter::once(&self.no_route))
         };
         out.push_str("# HELP switchboard_gateway_requests_total Requests answered, by route, service and status class.\n");
         out.push_str("# TYPE switchboard_gateway_requests_total counter\n");
-        for i in 0..=n {
+        for s in with_none() {
             for c in 0..5 {
-                let v = self.sum(i, |s| &s.status[c]);
+                let v = s.sum(|x| &x.status[c]);
                 let _ = writeln!(
                     out,
                     "switchboard_gateway_requests_total{{{},status_class=\"{}xx\"}} {v}",
-                    label(i),
+                    label(s),
                     c + 1
                 );
             }
         }
         out.push_str("# HELP switchboard_gateway_request_duration_seconds Time from request head to response end.\n");
         out.push_str("# TYPE switchboard_gateway_request_duration_seconds histogram\n");
-        for i in 0..=n {
-            let l = label(i);
+        for s in with_none() {
+            let l = label(s);
             let mut cum = 0;
             for (b, le) in BUCKETS.iter().enumerate() {
-                cum += self.sum(i, |s| &s.buckets[b]);
+                cum += s.sum(|x| &x.buckets[b]);
                 let _ = writeln!(
                     out,
                     "switchboard_gateway_request_duration_seconds_bucket{{{l},le=\"{le}\"}} {cum}"
                 );
             }
-            let count = self.sum(i, |s| &s.count);
-            let sum = self.sum(i, |s| &s.sum_us) as f64 / 1e6;
+            let count = s.sum(|x| &x.count);
+            let sum = s.sum(|x| &x.sum_us) as f64 / 1e6;
             let _ = writeln!(
                 out,
                 "switchboard_gateway_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} {count}"
@@ -230,33 +306,58 @@ impl Metrics {
             "# HELP switchboard_gateway_upstream_attempts_total Upstream attempts by outcome.\n",
         );
         out.push_str("# TYPE switchboard_gateway_upstream_attempts_total counter\n");
-        for i in 0..n {
+        for s in &routes {
             for (k, o) in AttemptOutcome::ALL.iter().enumerate() {
-                let v = self.sum(i, |s| &s.attempts[k]);
+                let v = s.sum(|x| &x.attempts[k]);
                 let _ = writeln!(
                     out,
                     "switchboard_gateway_upstream_attempts_total{{{},outcome=\"{}\"}} {v}",
-                    label(i),
+                    label(s),
                     o.as_str()
                 );
             }
         }
         out.push_str("# HELP switchboard_gateway_retries_total Retries sent.\n");
         out.push_str("# TYPE switchboard_gateway_retries_total counter\n");
-        for i in 0..n {
-            let v = self.sum(i, |s| &s.retries);
-            let _ = writeln!(out, "switchboard_gateway_retries_total{{{}}} {v}", label(i));
+        for s in &routes {
+            let v = s.sum(|x| &x.retries);
+            let _ = writeln!(out, "switchboard_gateway_retries_total{{{}}} {v}", label(s));
         }
         out.push_str("# HELP switchboard_gateway_retry_budget_exhausted_total Retries refused by the retry budget.\n");
         out.push_str("# TYPE switchboard_gateway_retry_budget_exhausted_total counter\n");
-        for i in 0..n {
-            let v = self.sum(i, |s| &s.budget_exhausted);
+        for s in &routes {
+            let v = s.sum(|x| &x.budget_exhausted);
             let _ = writeln!(
                 out,
                 "switchboard_gateway_retry_budget_exhausted_total{{{}}} {v}",
-                label(i)
+                label(s)
             );
         }
+        let opened = self.upgrades[0].load(Relaxed);
+        let closed = self.upgrades[1].load(Relaxed);
+        out.push_str("# HELP switchboard_gateway_upgrades_total Connections upgraded (WebSocket) and spliced to an upstream.\n");
+        out.push_str("# TYPE switchboard_gateway_upgrades_total counter\n");
+        let _ = writeln!(out, "switchboard_gateway_upgrades_total {opened}");
+        out.push_str(
+            "# HELP switchboard_gateway_upgraded_connections Upgraded connections open now.\n",
+        );
+        out.push_str("# TYPE switchboard_gateway_upgraded_connections gauge\n");
+        let _ = writeln!(
+            out,
+            "switchboard_gateway_upgraded_connections {}",
+            opened.saturating_sub(closed)
+        );
+        let (ok, error) = self.reloads();
+        out.push_str("# HELP switchboard_config_reloads_total Configuration reloads, by result.\n");
+        out.push_str("# TYPE switchboard_config_reloads_total counter\n");
+        let _ = writeln!(
+            out,
+            "switchboard_config_reloads_total{{result=\"ok\"}} {ok}"
+        );
+        let _ = writeln!(
+            out,
+            "switchboard_config_reloads_total{{result=\"error\"}} {error}"
+        );
     }
 }
 
@@ -266,15 +367,17 @@ mod tests {
 
     #[test]
     fn records_and_renders() {
-        let m = Metrics::new(vec![RouteLabels {
+        let m = Metrics::new();
+        let r = m.series(RouteLabels {
             route: "/users".into(),
             service: "user-service".into(),
-        }]);
-        m.request(Some(0), 200, Duration::from_micros(700));
-        m.request(Some(0), 503, Duration::from_secs(20));
+        });
+        m.request(Some(r), 200, Duration::from_micros(700));
+        m.request(Some(r), 503, Duration::from_secs(20));
         m.request(None, 404, Duration::from_micros(10));
-        m.attempt(0, AttemptOutcome::ConnectError);
-        m.retry(0);
+        m.attempt(r, AttemptOutcome::ConnectError);
+        m.retry(r);
+        m.reload(false);
         let mut s = String::new();
         m.render(&mut s);
         assert!(s.contains("switchboard_gateway_requests_total{route=\"/users\",service=\"user-service\",status_class=\"2xx\"} 1"));
@@ -287,5 +390,12 @@ mod tests {
         assert!(s.contains(
             "switchboard_gateway_retries_total{route=\"/users\",service=\"user-service\"} 1"
         ));
+        assert!(s.contains("switchboard_config_reloads_total{result=\"error\"} 1"));
+        // The same labels give the same series (a reload keeps counting).
+        let again = m.series(RouteLabels {
+            route: "/users".into(),
+            service: "user-service".into(),
+        });
+        assert!(std::ptr::eq(r, again));
     }
 }

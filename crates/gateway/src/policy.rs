@@ -39,9 +39,9 @@ use crate::edge_redis::RedisHandle;
 use crate::headers::{IDEMPOTENCY_KEY, X_REQUEST_ID};
 use crate::idempotency::{self, Begin, IDEMPOTENT_REPLAYED, Idempotency, Stored};
 use crate::problem::Problem;
-use crate::proxy::{Finish, Gateway};
+use crate::proxy::{Finish, Gateway, RouteState};
 use crate::ratelimit::RateLimit;
-use crate::route::RouteMatch;
+use crate::route::{RouteMatch, RouteTable};
 use crate::versioning::{Deprecation, VersionSelect, parse_major};
 
 /// One shared [`RedisHandle`] per URL, so routes on one Redis share a connection.
@@ -122,14 +122,17 @@ impl RoutePolicy {
 
 /// For an unrouted `OPTIONS` preflight: the route of the method it announces,
 /// if that route has CORS.
-pub(crate) fn preflight_route(gw: &'static Gateway, parts: &Parts) -> Option<&'static RouteMatch> {
+pub(crate) fn preflight_route(
+    table: &'static RouteTable,
+    parts: &Parts,
+) -> Option<&'static RouteMatch> {
     if parts.method != Method::OPTIONS {
         return None;
     }
     let m = parts.headers.get(&crate::cors::ACRM)?;
     let m = Method::from_bytes(m.as_bytes()).ok()?;
     let host = parts.headers.get(header::HOST).map(HeaderValue::as_bytes);
-    let route = gw.route_table().find(&m, host, parts.uri.path())?;
+    let route = table.find(&m, host, parts.uri.path())?;
     route.config.policy.cors.as_ref()?;
     Some(route)
 }
@@ -166,6 +169,7 @@ pub(crate) async fn handle(
     gw: &'static Gateway,
     policy: &'static RoutePolicy,
     route: &'static RouteMatch,
+    state: &'static RouteState,
     parts: Parts,
     body: Incoming,
     fin: Finish,
@@ -177,7 +181,7 @@ pub(crate) async fn handle(
     } else {
         None
     };
-    let mut res = run(gw, policy, route, parts, body, fin, client, start).await;
+    let mut res = run(gw, policy, route, state, parts, body, fin, client, start).await;
     policy.decorate(origin.as_ref(), &mut res);
     res
 }
@@ -187,6 +191,7 @@ async fn run(
     gw: &'static Gateway,
     policy: &'static RoutePolicy,
     route: &'static RouteMatch,
+    state: &'static RouteState,
     parts: Parts,
     body: Incoming,
     fin: Finish,
@@ -240,7 +245,7 @@ async fn run(
         }
         _ => {
             return gw
-                .forward(route, parts, body, fin, client, start, major)
+                .forward(route, state, parts, body, fin, client, start, major)
                 .await;
         }
     };
@@ -297,7 +302,7 @@ async fn run(
         }
     };
     let mut res = gw
-        .forward_body(route, parts, body, fin, client, start, major)
+        .forward_body(route, state, parts, body, fin, client, start, major)
         .await;
     let Some(lock) = lock else {
         return res;
@@ -361,7 +366,8 @@ pub fn render_metrics(gw: &Gateway, out: &mut String) {
     let mut rl_err = String::new();
     let mut idem_err = String::new();
     let mut idem_rep = String::new();
-    for (r, st) in gw.route_table().routes().iter().zip(gw.route_states()) {
+    let routing = gw.routing();
+    for (r, st) in routing.table.routes().iter().zip(&routing.states) {
         let Some(p) = st.policy.as_deref() else {
             continue;
         };

@@ -143,3 +143,27 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, Connec
     });
     Ok(conn)
 }
+
+/// Opens a connection for an HTTP/1.1 upgrade (WebSocket): never pooled, its
+/// driver hands the socket over on `101 Switching Protocols`.
+pub async fn connect_upgradable(addr: SocketAddr, timeout: Duration) -> Result<Conn, ConnectError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => return Err(ConnectError::Io { addr, source }),
+        Err(_) => return Err(ConnectError::Timeout(addr)),
+    };
+    let _ = stream.set_nodelay(true);
+    let (conn, driver) = Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ConnectError::Io {
+            addr,
+            source: std::io::Error::other(e),
+        })?;
+    tokio::spawn(async move {
+        if let Err(e) = driver.with_upgrades().await {
+            tracing::debug!(upstream = %addr, error = %e, "upstream connection ended");
+        }
+    });
+    Ok(conn)
+}

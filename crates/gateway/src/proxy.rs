@@ -18,29 +18,34 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use tokio::time::{sleep_until, timeout_at};
 
 use crate::access_log::{AccessLog, AccessRecord};
 use crate::body::{ReqBody, ResBody, Streamed};
-use crate::config::RouteConfig;
+use crate::config::{Protocol, RouteConfig};
 use crate::correlation;
 use crate::headers::{
-    IDEMPOTENCY_KEY, TRACEPARENT, TRACESTATE, X_REQUEST_ID, set_forwarded, strip_hop_by_hop,
+    IDEMPOTENCY_KEY, TRACEPARENT, TRACESTATE, X_FORWARDED_PROTO, X_REQUEST_ID, set_forwarded,
+    strip_hop_by_hop,
 };
-use crate::metrics::{AttemptOutcome, Metrics};
+use crate::metrics::{AttemptOutcome, Metrics, RouteSeries};
 use crate::pool::{self, Conn, PoolConfig};
 use crate::problem::{self, Problem};
 use crate::retry::{Budget, backoff, is_idempotent};
 use crate::route::{RouteMatch, RouteTable, rewrite};
 use crate::upstream::{Pick, RouteUpstreams, Upstream};
 
-/// Per-route runtime state.
+/// Per-route runtime state. A reload that keeps a route (same prefix,
+/// service, balancing, breaker, budget and policies) keeps its state:
+/// breakers, load, budget, rate-limit and idempotency state.
 #[derive(Debug)]
 pub struct RouteState {
     /// The route's live instances.
@@ -49,23 +54,43 @@ pub struct RouteState {
     pub budget: Budget,
     /// Edge policies needing work per request; `None` costs one branch.
     pub policy: Option<Box<crate::policy::RoutePolicy>>,
+    /// The route's metric series.
+    pub series: &'static RouteSeries,
+}
+
+/// One generation of the routing configuration: the route table and each
+/// route's state (`states[i]` belongs to `table.routes()[i]`).
+#[derive(Debug)]
+pub struct Routing {
+    /// The route table.
+    pub table: RouteTable,
+    /// Per-route state, in the table's file order.
+    pub states: Vec<Arc<RouteState>>,
 }
 
 /// The engine: everything the request path reads. Built once and leaked to
 /// `'static` so requests reference it without touching a reference count.
 pub struct Gateway {
-    pub(crate) routes: RouteTable,
-    pub(crate) states: Vec<RouteState>,
+    /// The current routing generation. Generations are leaked (a reload
+    /// costs the size of the route table, a few KB) so a request borrows its
+    /// generation as `&'static` for its whole life, across awaits, without a
+    /// reference count on the hot path; the swap itself is one atomic store.
+    pub(crate) routing: ArcSwap<&'static Routing>,
     pub(crate) metrics: Metrics,
     pub(crate) access: AccessLog,
     pub(crate) pool: PoolConfig,
     pub(crate) passive: Option<PassiveHealth>,
+    /// Terminates TLS on the proxy listener when `[gateway.tls]` is set.
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Upgraded (WebSocket) connections being spliced; shutdown waits for
+    /// them up to the drain deadline.
+    pub(crate) upgrades: tokio_util::task::TaskTracker,
 }
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gateway")
-            .field("routes", &self.routes)
+            .field("routing", self.routing())
             .finish_non_exhaustive()
     }
 }
@@ -78,13 +103,15 @@ pub type PassiveHealth = Arc<dyn Fn(&str, &str, bool) + Send + Sync>;
 pub(crate) struct Finish {
     gw: &'static Gateway,
     start: Instant,
-    route: Option<usize>,
+    route: Option<&'static RouteSeries>,
     request_id: HeaderValue,
     method: Method,
     status: u16,
     attempts: u32,
     upstream: Option<Arc<Upstream>>,
     conn: Option<Conn>,
+    /// The client connected over TLS (`x-forwarded-proto: https`).
+    tls: bool,
 }
 
 impl Finish {
@@ -100,7 +127,7 @@ impl Finish {
         self.gw.access.log(AccessRecord {
             request_id: self.request_id,
             method: self.method,
-            route: self.route,
+            route: self.route.map(|s| &s.labels),
             instance: self.upstream.as_ref().map(|u| u.addr),
             status: self.status,
             duration,
@@ -117,6 +144,8 @@ pub struct ConnInfo {
     /// both `Content-Length` and `Transfer-Encoding` (hyper normalises this
     /// silently; we refuse it).
     pub framing_conflict: AtomicBool,
+    /// The client connected over TLS (`x-forwarded-proto: https`).
+    pub tls: bool,
 }
 
 /// Up to 8 instances already tried by one request, without allocating.
@@ -230,6 +259,54 @@ fn upstream_request_filter(
     }
 }
 
+/// The request of one attempt: the body and headers are moved on the last
+/// attempt and copied when a retry may still need them.
+fn attempt_request(
+    parts: &mut http::request::Parts,
+    body: &mut Option<ReqBody>,
+    keep_for_retry: bool,
+) -> Request<ReqBody> {
+    let b = if keep_for_retry {
+        body.as_ref().and_then(ReqBody::try_clone)
+    } else {
+        body.take()
+    };
+    let mut req = Request::new(b.unwrap_or(ReqBody::Empty));
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.headers_mut() = if keep_for_retry {
+        parts.headers.clone()
+    } else {
+        std::mem::take(&mut parts.headers)
+    };
+    req
+}
+
+/// An HTTP/2 request names its host in the `:authority` pseudo-header, not
+/// in `Host`; routing and `x-forwarded-host` read `Host`.
+fn h2_host(parts: &mut http::request::Parts) {
+    if parts.headers.contains_key(header::HOST) {
+        return;
+    }
+    if let Some(v) = parts
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        parts.headers.insert(header::HOST, v);
+    }
+}
+
+/// The client sent `te: trailers` (gRPC does; the upstream may insist on it).
+fn wants_trailers(h: &HeaderMap) -> bool {
+    h.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    })
+}
+
 /// Phase 6: the response as the client will see it.
 fn response_filter(headers: &mut HeaderMap, request_id: &HeaderValue) {
     strip_hop_by_hop(headers);
@@ -246,12 +323,25 @@ enum Failure {
 }
 
 impl Gateway {
+    /// The current routing generation.
+    pub fn routing(&self) -> &'static Routing {
+        **self.routing.load()
+    }
+
+    /// Swaps in a new routing generation; requests already running finish
+    /// on the one they started with.
+    pub(crate) fn swap_routing(&self, routing: Routing) {
+        let r: &'static Routing = Box::leak(Box::new(routing));
+        self.routing.store(Arc::new(r));
+    }
+
     fn finish(
         &'static self,
         start: Instant,
-        route: Option<usize>,
+        route: Option<&'static RouteSeries>,
         request_id: HeaderValue,
         method: Method,
+        tls: bool,
     ) -> Finish {
         Finish {
             gw: self,
@@ -263,6 +353,7 @@ impl Gateway {
             attempts: 0,
             upstream: None,
             conn: None,
+            tls,
         }
     }
 
@@ -293,16 +384,6 @@ impl Gateway {
         res
     }
 
-    /// The routes.
-    pub(crate) fn route_table(&self) -> &RouteTable {
-        &self.routes
-    }
-
-    /// Per-route state, in route order.
-    pub(crate) fn route_states(&self) -> &[RouteState] {
-        &self.states
-    }
-
     /// Phase 1: returns the request id, or an early answer.
     fn request_filter(
         &'static self,
@@ -324,11 +405,14 @@ impl Gateway {
         conn: &ConnInfo,
     ) -> Response<ResBody> {
         let start = Instant::now();
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        if parts.version == Version::HTTP_2 {
+            h2_host(&mut parts);
+        }
         let (request_id, early) = self.request_filter(&parts.headers, conn);
         let method = parts.method.clone();
         if let Some(p) = early {
-            let fin = self.finish(start, None, request_id, method);
+            let fin = self.finish(start, None, request_id, method, conn.tls);
             return self.problem(
                 fin,
                 p,
@@ -339,19 +423,21 @@ impl Gateway {
 
         // Phase 2: route. The Host header only narrows among configured routes.
         let host = parts.headers.get(header::HOST).map(HeaderValue::as_bytes);
-        let Some(route) = self.routes.find(&parts.method, host, parts.uri.path()) else {
+        let routing = self.routing();
+        let Some(route) = routing.table.find(&parts.method, host, parts.uri.path()) else {
             // A CORS preflight is an OPTIONS for a route that may only list
             // the method it announces.
-            if let Some(route) = crate::policy::preflight_route(self, &parts) {
-                let fin = self.finish(start, Some(route.index), request_id, method);
+            if let Some(route) = crate::policy::preflight_route(&routing.table, &parts) {
+                let series = routing.states[route.index].series;
+                let fin = self.finish(start, Some(series), request_id, method, conn.tls);
                 return crate::policy::preflight(self, route, &parts, fin);
             }
-            let fin = self.finish(start, None, request_id, method);
+            let fin = self.finish(start, None, request_id, method, conn.tls);
             return self.problem(fin, Problem::NoRoute, "no route matches this request", None);
         };
         let cfg = &route.config;
-        let state = &self.states[route.index];
-        let fin = self.finish(start, Some(route.index), request_id, method);
+        let state: &'static RouteState = &routing.states[route.index];
+        let fin = self.finish(start, Some(state.series), request_id, method, conn.tls);
         if content_length(&parts.headers).is_some_and(|n| n > cfg.max_body_bytes) {
             let detail = format!("request body exceeds {} bytes", cfg.max_body_bytes);
             return self.problem(fin, Problem::PayloadTooLarge, &detail, None);
@@ -360,11 +446,11 @@ impl Gateway {
         // branch when the route has none.
         if let Some(policy) = state.policy.as_deref() {
             return Box::pin(crate::policy::handle(
-                self, policy, route, parts, body, fin, client, start,
+                self, policy, route, state, parts, body, fin, client, start,
             ))
             .await;
         }
-        self.forward(route, parts, body, fin, client, start, None)
+        self.forward(route, state, parts, body, fin, client, start, None)
             .await
     }
 
@@ -373,7 +459,8 @@ impl Gateway {
     pub(crate) async fn forward(
         &'static self,
         route: &'static RouteMatch,
-        parts: http::request::Parts,
+        state: &'static RouteState,
+        mut parts: http::request::Parts,
         body: Incoming,
         fin: Finish,
         client: SocketAddr,
@@ -382,12 +469,18 @@ impl Gateway {
     ) -> Response<ResBody> {
         let cfg = &route.config;
         let deadline = tokio::time::Instant::from_std(start + cfg.timeout);
+        // hyper marks HTTP/1.1 requests that ask for an upgrade (WebSocket);
+        // the check reads an empty extension map for every other request.
+        if let Some(on_upgrade) = parts.extensions.remove::<OnUpgrade>() {
+            return Box::pin(self.upgrade(fin, parts, on_upgrade, cfg, state, client, deadline))
+                .await;
+        }
         // Phase 3: body.
         let body = match self.read_body(body, cfg, deadline).await {
             Ok(b) => b,
             Err(p) => return self.problem(fin, p.0, &p.1, None),
         };
-        self.forward_body(route, parts, body, fin, client, start, major)
+        self.forward_body(route, state, parts, body, fin, client, start, major)
             .await
     }
 
@@ -422,6 +515,7 @@ impl Gateway {
     pub(crate) async fn forward_body(
         &'static self,
         route: &'static RouteMatch,
+        state: &'static RouteState,
         mut parts: http::request::Parts,
         body: ReqBody,
         mut fin: Finish,
@@ -430,7 +524,6 @@ impl Gateway {
         major: Option<u64>,
     ) -> Response<ResBody> {
         let cfg = &route.config;
-        let state = &self.states[route.index];
         let deadline = tokio::time::Instant::from_std(start + cfg.timeout);
         let too_large = match &body {
             ReqBody::Stream(s) => Some(Arc::clone(&s.too_large)),
@@ -438,6 +531,7 @@ impl Gateway {
         };
 
         // Phase 4.
+        let te_trailers = cfg.protocol == Protocol::H2c && wants_trailers(&parts.headers);
         upstream_request_filter(
             &mut parts.headers,
             &mut parts.uri,
@@ -445,6 +539,17 @@ impl Gateway {
             &fin.request_id,
             client,
         );
+        if fin.tls {
+            parts
+                .headers
+                .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
+        }
+        if te_trailers {
+            // gRPC: `te: trailers` is hop-by-hop but the upstream needs it.
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
 
         // Phase 5: attempts.
         let retry_after_send =
@@ -523,39 +628,37 @@ impl Gateway {
             let attempt_deadline = deadline.min(attempt_start + cfg.attempt_timeout);
             u.outstanding.inc();
 
-            // Connect (or reuse). Nothing is sent before this succeeds.
-            let conn = match pool::take_idle(u.addr, &self.pool, start) {
-                Some(c) => Ok(c),
-                None => {
-                    match timeout_at(attempt_deadline, pool::connect(u.addr, cfg.connect_timeout))
+            let keep_for_retry = more_after && retry_after_send && replayable;
+            let result = if cfg.protocol == Protocol::H2c {
+                let req = attempt_request(&mut parts, &mut body, keep_for_retry);
+                self.send_h2(req, &u, cfg, attempt_deadline)
+                    .await
+                    .map(|r| (r, None))
+            } else {
+                // Connect (or reuse). Nothing is sent before this succeeds.
+                let conn = match pool::take_idle(u.addr, &self.pool, start) {
+                    Some(c) => Ok(c),
+                    None => {
+                        match timeout_at(
+                            attempt_deadline,
+                            pool::connect(u.addr, cfg.connect_timeout),
+                        )
                         .await
-                    {
-                        Ok(r) => r.map_err(|_| Failure::Connect),
-                        Err(_) => Err(Failure::Connect),
+                        {
+                            Ok(r) => r.map_err(|_| Failure::Connect),
+                            Err(_) => Err(Failure::Connect),
+                        }
                     }
-                }
-            };
-            let result = match conn {
-                Err(f) => Err(f),
-                Ok(mut conn) => {
-                    let keep_for_retry = more_after && retry_after_send && replayable;
-                    let b = if keep_for_retry {
-                        body.as_ref().and_then(ReqBody::try_clone)
-                    } else {
-                        body.take()
-                    };
-                    let mut req = Request::new(b.unwrap_or(ReqBody::Empty));
-                    *req.method_mut() = parts.method.clone();
-                    *req.uri_mut() = parts.uri.clone();
-                    *req.headers_mut() = if keep_for_retry {
-                        parts.headers.clone()
-                    } else {
-                        std::mem::take(&mut parts.headers)
-                    };
-                    req.headers_mut().insert(header::HOST, u.host.clone());
-                    self.send(&mut conn, req, u.addr, cfg, attempt_deadline)
-                        .await
-                        .map(|r| (r, conn))
+                };
+                match conn {
+                    Err(f) => Err(f),
+                    Ok(mut conn) => {
+                        let mut req = attempt_request(&mut parts, &mut body, keep_for_retry);
+                        req.headers_mut().insert(header::HOST, u.host.clone());
+                        self.send(&mut conn, req, u.addr, cfg, attempt_deadline)
+                            .await
+                            .map(|r| (r, Some(conn)))
+                    }
                 }
             };
             match result {
@@ -565,7 +668,7 @@ impl Gateway {
                     permit.record(!server_error);
                     self.passive(&cfg.service, &u, !server_error);
                     self.metrics.attempt(
-                        route.index,
+                        state.series,
                         if server_error {
                             AttemptOutcome::ServerError
                         } else {
@@ -582,9 +685,7 @@ impl Gateway {
                         && retry_after_send
                         && more_after
                         && body.is_some()
-                        && self
-                            .may_retry(route.index, state, attempt, cfg, deadline, false)
-                            .await
+                        && self.may_retry(state, attempt, cfg, deadline, false).await
                     {
                         u.outstanding.dec();
                         // Kept in case no other instance can be tried.
@@ -593,7 +694,7 @@ impl Gateway {
                         continue;
                     }
                     fin.upstream = Some(u);
-                    fin.conn = Some(conn);
+                    fin.conn = conn;
                     return self.respond(fin, res);
                 }
                 Err(failure) => {
@@ -620,7 +721,7 @@ impl Gateway {
                             format!("service `{}` did not answer in time", cfg.service),
                         ),
                     };
-                    self.metrics.attempt(route.index, outcome);
+                    self.metrics.attempt(state.series, outcome);
                     if too_large.as_ref().is_some_and(|f| f.load(Relaxed)) {
                         let detail = format!("request body exceeds {} bytes", cfg.max_body_bytes);
                         return self.problem(fin, Problem::PayloadTooLarge, &detail, None);
@@ -636,7 +737,7 @@ impl Gateway {
                         && more_after
                         && body.is_some()
                         && self
-                            .may_retry(route.index, state, attempt, cfg, deadline, nothing_sent)
+                            .may_retry(state, attempt, cfg, deadline, nothing_sent)
                             .await
                     {
                         last = Some((p, detail));
@@ -669,10 +770,8 @@ impl Gateway {
     /// A retry after a failed connect skips the budget: nothing reached the
     /// failed instance, so it cannot multiply an outage, and the retry goes
     /// to another instance; the budget guards retries of requests that were sent.
-    #[allow(clippy::too_many_arguments)]
     async fn may_retry(
         &'static self,
-        route: usize,
         state: &RouteState,
         attempt: u32,
         cfg: &RouteConfig,
@@ -680,10 +779,10 @@ impl Gateway {
         nothing_sent: bool,
     ) -> bool {
         if !nothing_sent && !state.budget.try_withdraw() {
-            self.metrics.budget_exhausted(route);
+            self.metrics.budget_exhausted(state.series);
             return false;
         }
-        self.metrics.retry(route);
+        self.metrics.retry(state.series);
         let wait = backoff(attempt, cfg.retry.backoff, cfg.retry.max_backoff);
         let until = tokio::time::Instant::now() + wait;
         if until >= deadline {
@@ -725,6 +824,182 @@ impl Gateway {
                 None => Err(Failure::Reset),
             },
         }
+    }
+
+    /// One attempt over the worker's shared h2c connection to `u`.
+    async fn send_h2(
+        &'static self,
+        mut req: Request<ReqBody>,
+        u: &Upstream,
+        cfg: &RouteConfig,
+        deadline: tokio::time::Instant,
+    ) -> Result<Response<Incoming>, Failure> {
+        // HTTP/2 carries the host in `:authority`, taken from an absolute URI.
+        let pq = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let authority = http::uri::Authority::try_from(u.host.as_bytes()).ok();
+        if let Ok(uri) = Uri::builder()
+            .scheme("http")
+            .authority(authority.ok_or(Failure::Connect)?)
+            .path_and_query(pq)
+            .build()
+        {
+            *req.uri_mut() = uri;
+        }
+        req.headers_mut().remove(header::HOST);
+        *req.version_mut() = Version::HTTP_2;
+        let Ok(Ok(mut sender)) =
+            timeout_at(deadline, crate::h2c::sender(u.addr, cfg.connect_timeout)).await
+        else {
+            return Err(Failure::Connect);
+        };
+        // Waiting for a stream slot (the upstream's concurrency limit) sends nothing.
+        match timeout_at(deadline, sender.ready()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                crate::h2c::forget(u.addr).await;
+                return Err(Failure::Connect);
+            }
+            Err(_) => return Err(Failure::Timeout),
+        }
+        match timeout_at(deadline, sender.send_request(req)).await {
+            Err(_) => Err(Failure::Timeout),
+            Ok(Ok(res)) => Ok(res),
+            Ok(Err(_)) => {
+                crate::h2c::forget(u.addr).await;
+                Err(Failure::Reset)
+            }
+        }
+    }
+
+    /// An HTTP/1.1 upgrade (WebSocket): the request goes to one instance on a
+    /// fresh connection; on `101 Switching Protocols` both connections are
+    /// handed over and their bytes copied both ways until either side closes
+    /// (or the drain deadline after shutdown passes).
+    #[allow(clippy::too_many_arguments)]
+    async fn upgrade(
+        &'static self,
+        mut fin: Finish,
+        mut parts: http::request::Parts,
+        client_upgrade: OnUpgrade,
+        cfg: &RouteConfig,
+        state: &'static RouteState,
+        client: SocketAddr,
+        deadline: tokio::time::Instant,
+    ) -> Response<ResBody> {
+        let protocol = parts.headers.get(header::UPGRADE).cloned();
+        upstream_request_filter(
+            &mut parts.headers,
+            &mut parts.uri,
+            cfg,
+            &fin.request_id,
+            client,
+        );
+        if fin.tls {
+            parts
+                .headers
+                .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
+        }
+        let Some(protocol) = protocol else {
+            return self.problem(
+                fin,
+                Problem::BadRequest,
+                "an upgrade needs an Upgrade header",
+                None,
+            );
+        };
+        let u = match state.upstreams.pick(&[]) {
+            Pick::Instance(u) => u,
+            Pick::NoneHealthy => {
+                let d = format!("no healthy instance of service `{}`", cfg.service);
+                return self.problem(fin, Problem::NoHealthyInstance, &d, None);
+            }
+            Pick::AllOpen(after) => {
+                let d = format!(
+                    "every instance of service `{}` is ejected by its circuit breaker",
+                    cfg.service
+                );
+                return self.problem(fin, Problem::BreakerOpen, &d, Some(after));
+            }
+        };
+        let Ok(permit) = u.breaker.try_acquire() else {
+            let d = format!(
+                "every instance of service `{}` is ejected by its circuit breaker",
+                cfg.service
+            );
+            return self.problem(fin, Problem::BreakerOpen, &d, None);
+        };
+        fin.attempts = 1;
+        parts.headers.insert(header::HOST, u.host.clone());
+        parts.headers.insert(header::UPGRADE, protocol);
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        let mut req = Request::new(ReqBody::Empty);
+        *req.method_mut() = parts.method;
+        *req.uri_mut() = parts.uri;
+        *req.headers_mut() = parts.headers;
+        let sent = timeout_at(deadline, async {
+            let mut conn = pool::connect_upgradable(u.addr, cfg.connect_timeout)
+                .await
+                .map_err(|_| Failure::Connect)?;
+            conn.send_request(req).await.map_err(|_| Failure::Reset)
+        })
+        .await
+        .unwrap_or(Err(Failure::Timeout));
+        let mut res = match sent {
+            Ok(res) => res,
+            Err(f) => {
+                permit.record(false);
+                self.passive(&cfg.service, &u, false);
+                let (outcome, p) = match f {
+                    Failure::Connect => (AttemptOutcome::ConnectError, Problem::BadGateway),
+                    Failure::Reset => (AttemptOutcome::Reset, Problem::BadGateway),
+                    Failure::Timeout => (AttemptOutcome::Timeout, Problem::GatewayTimeout),
+                };
+                self.metrics.attempt(state.series, outcome);
+                let d = format!("the upgrade to service `{}` failed", cfg.service);
+                return self.problem(fin, p, &d, None);
+            }
+        };
+        let ok = !res.status().is_server_error();
+        permit.record(ok);
+        self.passive(&cfg.service, &u, ok);
+        self.metrics.attempt(
+            state.series,
+            if ok {
+                AttemptOutcome::Ok
+            } else {
+                AttemptOutcome::ServerError
+            },
+        );
+        fin.upstream = Some(u);
+        if res.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // Refused: an ordinary response (the connection is not pooled).
+            return self.respond(fin, res);
+        }
+        let upstream_upgrade = hyper::upgrade::on(&mut res);
+        let accepted = res.headers().get(header::UPGRADE).cloned();
+        let mut out = self.respond(fin, res);
+        if let Some(p) = accepted {
+            out.headers_mut().insert(header::UPGRADE, p);
+        }
+        out.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        let metrics = &self.metrics;
+        metrics.upgrade_opened();
+        self.upgrades.spawn(async move {
+            if let (Ok(c), Ok(up)) = tokio::join!(client_upgrade, upstream_upgrade) {
+                let mut c = hyper_util::rt::TokioIo::new(c);
+                let mut up = hyper_util::rt::TokioIo::new(up);
+                let _ = tokio::io::copy_bidirectional(&mut c, &mut up).await;
+            }
+            metrics.upgrade_closed();
+        });
+        out
     }
 
     fn respond(&'static self, mut fin: Finish, res: Response<Incoming>) -> Response<ResBody> {

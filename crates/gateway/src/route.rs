@@ -147,6 +147,7 @@ mod tests {
             max_body_bytes: 1,
             retry_buffer_bytes: 1,
             policy: Default::default(),
+            protocol: crate::config::Protocol::Http1,
         }
     }
 

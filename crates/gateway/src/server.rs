@@ -16,9 +16,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -127,7 +127,12 @@ async fn worker(
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tracker.spawn(serve_conn(gw, Arc::clone(&builder), stream, peer, shutdown.clone()));
+                    if let Some(tls) = &gw.tls {
+                        tracker.spawn(serve_tls(gw, tls.clone(), Arc::clone(&builder), stream, peer, shutdown.clone(), settings.header_read_timeout, settings.max_header_bytes));
+                    } else {
+                        let info = Arc::new(ConnInfo::default());
+                        tracker.spawn(serve_conn(gw, Arc::clone(&builder), stream, peer, info, shutdown.clone()));
+                    }
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -141,10 +146,13 @@ async fn worker(
     }
     drop(listener);
     tracker.close();
+    gw.upgrades.close();
     let drained = async {
+        let all = async { tokio::join!(tracker.wait(), gw.upgrades.wait()) };
+        tokio::pin!(all);
         loop {
             tokio::select! {
-                () = tracker.wait() => break,
+                _ = &mut all => break,
                 _ = log_flush.tick() => gw.access.flush_local(),
             }
         }
@@ -161,14 +169,69 @@ async fn worker(
     }
 }
 
-async fn serve_conn(
+/// Completes the TLS handshake (within the header read timeout), then
+/// serves HTTP/2 or HTTP/1.1 as ALPN chose.
+async fn serve_tls(
     gw: &'static Gateway,
+    acceptor: tokio_rustls::TlsAcceptor,
     builder: Arc<http1::Builder>,
     stream: TcpStream,
     peer: SocketAddr,
     mut shutdown: watch::Receiver<bool>,
+    handshake_timeout: Duration,
+    max_header_bytes: usize,
 ) {
-    let info = Arc::new(ConnInfo::default());
+    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let info = Arc::new(ConnInfo {
+        tls: true,
+        ..ConnInfo::default()
+    });
+    if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+        return serve_conn(gw, builder, tls, peer, info, shutdown).await;
+    }
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(20)));
+    let svc = service_fn(move |req| {
+        let info = Arc::clone(&info);
+        async move { Ok::<_, Infallible>(gw.handle(req, peer, &info).await) }
+    });
+    let conn = h2.serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "client connection ended with an error");
+            }
+        }
+        () = async { let _ = shutdown.wait_for(|v| *v).await; } => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+async fn serve_conn<S>(
+    gw: &'static Gateway,
+    builder: Arc<http1::Builder>,
+    stream: S,
+    peer: SocketAddr,
+    info: Arc<ConnInfo>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let io = TokioIo::new(SniffStream {
         inner: stream,
         info: Arc::clone(&info),
@@ -178,7 +241,7 @@ async fn serve_conn(
         let info = Arc::clone(&info);
         async move { Ok::<_, Infallible>(gw.handle(req, peer, &info).await) }
     });
-    let conn = builder.serve_connection(io, svc);
+    let conn = builder.serve_connection(io, svc).with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {
@@ -258,13 +321,13 @@ fn starts_with_ci(s: &[u8], prefix: &[u8]) -> bool {
 /// and hyper gives no sign of it. The scan is best effort by design (a head
 /// split mid-name across reads or a pipelined second head is not seen); the
 /// hyper normalisation stays the backstop.
-struct SniffStream {
-    inner: TcpStream,
+struct SniffStream<S> {
+    inner: S,
     info: Arc<ConnInfo>,
     scan: HeadScan,
 }
 
-impl AsyncRead for SniffStream {
+impl<S: AsyncRead + Unpin> AsyncRead for SniffStream<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -282,7 +345,7 @@ impl AsyncRead for SniffStream {
     }
 }
 
-impl AsyncWrite for SniffStream {
+impl<S: AsyncWrite + Unpin> AsyncWrite for SniffStream<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
