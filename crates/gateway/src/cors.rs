@@ -218,6 +218,10 @@ impl Cors {
 
     /// Adds the response headers of an actual (non-preflight) request.
     pub fn apply(&self, origin: Option<&HeaderValue>, res: &mut HeaderMap) {
+        if res.contains_key(header::ACCESS_CONTROL_ALLOW_METHODS) {
+            // An answered preflight already has its CORS headers.
+            return;
+        }
         match origin {
             Some(o) if self.allowed(o) => {
                 self.allow_origin(res, o);

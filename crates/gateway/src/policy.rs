@@ -428,3 +428,52 @@ pub fn render_metrics(gw: &Gateway, out: &mut String) {
         &idem_err,
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn routes(extra: &str) -> Vec<RouteConfig> {
+        let text = format!(
+            "[[services]]\nname = \"s\"\ninstances = []\n[[routes]]\nprefix = \"/\"\nservice = \"s\"\n{extra}\n"
+        );
+        crate::Config::parse(Path::new("t.toml"), &text)
+            .unwrap()
+            .routes
+    }
+
+    #[test]
+    fn routes_without_request_time_policies_have_none() {
+        let mut redis = RedisHandles::default();
+        for extra in ["", "version = { major = 2 }"] {
+            let r = &routes(extra)[0];
+            assert!(
+                RoutePolicy::build(r, &mut redis).unwrap().is_none(),
+                "{extra}"
+            );
+        }
+        for extra in [
+            "version = { default = 2 }",
+            "rate_limit = { rate = 1 }",
+            "idempotency = {}",
+            "cors = { origins = [\"*\"] }",
+            "deprecated = { since = \"2024-01-01\" }",
+        ] {
+            let r = &routes(extra)[0];
+            assert!(
+                RoutePolicy::build(r, &mut redis).unwrap().is_some(),
+                "{extra}"
+            );
+        }
+    }
+
+    #[test]
+    fn one_redis_handle_per_url() {
+        let mut redis = RedisHandles::default();
+        let a = redis.get("redis://127.0.0.1:1").unwrap();
+        let b = redis.get("redis://127.0.0.1:1").unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(redis.get("nonsense").is_err());
+    }
+}

@@ -345,7 +345,7 @@ async fn idempotency_keys_in_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_keys_on_redis_shared_by_two_gateways() {
-    let Some(redis) = RedisServer::start(Persistence::None) else {
+    let Some(mut redis) = RedisServer::start(Persistence::None) else {
         return;
     };
     let b = Backend::start("b").await;
@@ -355,6 +355,28 @@ async fn idempotency_keys_on_redis_shared_by_two_gateways() {
     one.set_instances("svc", &[b.addr]);
     two.set_instances("svc", &[b.addr]);
     idempotency_scenario(&one, &two, &b).await;
+
+    // Redis gone: forwarded without protection (fail open), and counted.
+    redis.kill();
+    let before = b.hits();
+    assert_eq!(post(&one, "/orders", "k-9", "x").await.status(), 200);
+    let res = post(&one, "/orders", "k-9", "x").await;
+    assert_eq!(res.status(), 200);
+    assert!(res.headers().get("idempotent-replayed").is_none());
+    assert_eq!(b.hits(), before + 2);
+    let metrics = one
+        .client
+        .get(one.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("switchboard_gateway_idempotency_store_errors_total{route=\"/\"} 2"),
+        "{metrics}"
+    );
     one.gw.shutdown().await;
     two.gw.shutdown().await;
 }
@@ -397,6 +419,7 @@ cors = { origins = ["https://app.example"], methods = ["POST"], headers = ["cont
     assert_eq!(hd["access-control-allow-credentials"], "true");
     assert_eq!(hd["access-control-max-age"], "600");
     assert_eq!(hd["vary"], "origin");
+    assert_eq!(hd.get_all("vary").iter().count(), 1);
     assert_eq!(b.hits(), 0, "the preflight never reaches the upstream");
 
     let res = h
