@@ -74,6 +74,7 @@ log "run dir $RUN"
 nginx -p "$RUN" -c "$RUN/nginx-backend.conf" -e "$RUN/backend-error.log"
 wait_port 18080
 
+declare -A PID
 declare -A PORT=([nginx]=18081 [haproxy]=18082 [switchboard]=18083 [switchboard-edge]=18084)
 targets=(nginx haproxy switchboard)
 [ -n "$ONLY" ] && targets=($ONLY)
@@ -91,15 +92,23 @@ for t in "${targets[@]}"; do
              pids+=($!) ;;
     switchboard*) SWITCHBOARD_LOG=warn $SWITCHBOARD_CMD "$RUN/$t.toml" \
                    >"$RUN/$t-access.log" 2>"$RUN/$t.err" &
-                 pids+=($!) ;;
+                 pids+=($!); PID[$t]=$! ;;
   esac
   wait_port "${PORT[$t]}"
 done
 
-# One wrk run: prints "req_per_s p99_ms".
+# CPU time (utime + stime, all threads) a process has used, in clock ticks.
+ticks() { [ -n "$1" ] && awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# One wrk run: prints "req_per_s p99_ms [cpu_us_per_request]" (the last for
+# Switchboard: CPU per request does not depend on what else loads the machine).
 measure() {
-  local out
+  local out t0 t1 cpu=""
+  t0=$(ticks "${PID[$2]:-}")
   out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$1/users/42")
+  t1=$(ticks "${PID[$2]:-}")
+  [ -n "$t0" ] && cpu=$(awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" \
+    '/requests in/ {printf "%.2f", d / hz * 1e6 / $1}' <<<"$out")
   echo "$out" >>"$RUN/wrk.log"
   local rps p99
   rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
@@ -107,7 +116,7 @@ measure() {
   local errs
   errs=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out")
   [ -n "$errs" ] && log "$2: $errs"
-  echo "$rps $p99"
+  echo "$rps $p99 $cpu"
 }
 
 log "warm-up"
@@ -118,9 +127,9 @@ for r in $(seq 1 "$ROUNDS"); do
   order=("${targets[@]}")
   if (( r % 2 == 0 )); then order=($(printf '%s\n' "${targets[@]}" | tac)); fi
   for t in "${order[@]}"; do
-    read -r rps p99 < <(measure "${PORT[$t]}" "$t")
-    echo "$t $rps $p99" >>"$RUN/results"
-    log "round $r $t: $rps req/s, p99 ${p99} ms"
+    read -r rps p99 cpu < <(measure "${PORT[$t]}" "$t")
+    echo "$t $rps $p99 $cpu" >>"$RUN/results"
+    log "round $r $t: $rps req/s, p99 ${p99} ms${cpu:+, ${cpu} µs CPU/request}"
   done
 done
 
@@ -140,9 +149,14 @@ for t in "${targets[@]}"; do
   [ -n "${RPS[nginx]:-}" ] && ratio=$(awk -v a="${RPS[$t]}" -v b="${RPS[nginx]}" 'BEGIN {printf "%.2fx", a/b}')
   printf '%-12s %12.0f %10.2f %10s\n' "$t" "${RPS[$t]}" "${P99[$t]}" "$ratio"
 done
+for t in "${targets[@]}"; do
+  [ -n "${PID[$t]:-}" ] || continue
+  cpu=$(awk -v t="$t" '$1==t && $4 != "" {print $4}' "$RUN/results" | median)
+  echo "$t: median ${cpu} µs CPU per request"
+done
 if [ -n "${RPS[switchboard-edge]:-}" ] && [ -n "${RPS[switchboard]:-}" ]; then
   awk -v a="${RPS[switchboard-edge]}" -v b="${RPS[switchboard]}" \
-    'BEGIN {printf "switchboard-edge / switchboard: %.3f\n", a/b}'
+    'BEGIN {printf "switchboard-edge / switchboard: %.3f req/s\n", a/b}'
 fi
 
 # Peak RSS of a fresh Switchboard holding 1,000 idle keep-alive connections.
