@@ -7,9 +7,13 @@
 #   ONLY=switchboard bench/gateway.sh
 #   EDGE=1 ONLY=switchboard bench/gateway.sh  # adds switchboard-edge: the same
 #     gateway with a rate limit (never triggered) and idempotency on its route
+#   KEEP_LOGS=1 bench/gateway.sh     # keep the access logs in the run dir
 #
 # Every proxy runs 2 workers/threads; wrk uses 2 threads and 50 connections.
-# Prints median requests/s, median p99 and each one's ratio to nginx, then
+# Prints median requests/s, median p99, each one's ratio to nginx and the CPU
+# time each proxy's processes consumed per request (utime+stime from
+# /proc/PID/stat across each wrk run divided by the requests it completed: a
+# figure that, unlike req/s, barely moves with the machine's load), then
 # Switchboard's peak RSS holding 1,000 idle keep-alive connections.
 # Installs nginx, haproxy and wrk with apt-get when missing (needs root).
 set -euo pipefail
@@ -56,6 +60,8 @@ cleanup() {
   [ -f "$RUN/proxy.pid" ] && kill "$(cat "$RUN/proxy.pid")" 2>/dev/null || true
   [ -f "$RUN/haproxy.pid" ] && kill $(cat "$RUN/haproxy.pid") 2>/dev/null || true
   wait 2>/dev/null || true
+  # The access logs grow by ~100 MB per run; KEEP_LOGS=1 keeps them.
+  [ -n "${KEEP_LOGS:-}" ] || rm -f "$RUN"/switchboard*-access.log "$RUN/proxy-access.log"
 }
 trap cleanup EXIT
 
@@ -74,7 +80,6 @@ log "run dir $RUN"
 nginx -p "$RUN" -c "$RUN/nginx-backend.conf" -e "$RUN/backend-error.log"
 wait_port 18080
 
-declare -A PID
 declare -A PORT=([nginx]=18081 [haproxy]=18082 [switchboard]=18083 [switchboard-edge]=18084)
 targets=(nginx haproxy switchboard)
 [ -n "$ONLY" ] && targets=($ONLY)
@@ -89,29 +94,51 @@ for t in "${targets[@]}"; do
   case $t in
     nginx) nginx -p "$RUN" -c "$RUN/nginx-proxy.conf" -e "$RUN/proxy-error.log" ;;
     haproxy) (cd "$RUN" && exec haproxy -f "$RUN/haproxy.cfg" -q >"$RUN/haproxy.out" 2>&1) &
-             pids+=($!) ;;
+             pids+=($!)
+             echo $! >"$RUN/haproxy-fg.pid" ;;
     switchboard*) SWITCHBOARD_LOG=warn $SWITCHBOARD_CMD "$RUN/$t.toml" \
                    >"$RUN/$t-access.log" 2>"$RUN/$t.err" &
-                 pids+=($!); PID[$t]=$! ;;
+                 pids+=($!)
+                 echo $! >"$RUN/$t.pid" ;;
   esac
   wait_port "${PORT[$t]}"
 done
 
-# CPU time (utime + stime, all threads) a process has used, in clock ticks.
-ticks() { [ -n "$1" ] && awk '{print $14 + $15}' "/proc/$1/stat"; }
+# The processes doing a proxy's work: nginx's workers (children of the
+# master), HAProxy's process, Switchboard's process (all threads included).
+proxy_pids() {
+  case $1 in
+    nginx) pgrep -P "$(cat "$RUN/proxy.pid")" ;;
+    haproxy) cat "$RUN/haproxy-fg.pid" ;;
+    switchboard*) cat "$RUN/$1.pid" ;;
+  esac
+}
 
-# One wrk run: prints "req_per_s p99_ms [cpu_us_per_request]" (the last for
-# Switchboard: CPU per request does not depend on what else loads the machine).
+# utime+stime in clock ticks, summed over the given pids.
+cpu_ticks() {
+  local sum=0 p line f
+  for p in "$@"; do
+    line=$(cat "/proc/$p/stat" 2>/dev/null) || continue
+    # Fields after the ")" that ends the command name: utime is the 12th, stime the 13th.
+    read -r -a f <<<"${line##*) }"
+    sum=$((sum + f[11] + f[12]))
+  done
+  echo "$sum"
+}
+HZ=$(getconf CLK_TCK)
+
+# One wrk run: prints "req_per_s p99_ms cpu_us_per_req".
 measure() {
-  local out t0 t1 cpu=""
-  t0=$(ticks "${PID[$2]:-}")
+  local out pp t0 t1
+  pp=$(proxy_pids "$2")
+  t0=$(cpu_ticks $pp)
   out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$1/users/42")
-  t1=$(ticks "${PID[$2]:-}")
-  [ -n "$t0" ] && cpu=$(awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" \
-    '/requests in/ {printf "%.2f", d / hz * 1e6 / $1}' <<<"$out")
+  t1=$(cpu_ticks $pp)
   echo "$out" >>"$RUN/wrk.log"
-  local rps p99
+  local rps p99 n cpu
   rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+  n=$(awk '/requests in/ {print $1}' <<<"$out")
+  cpu=$(awk -v a="$t0" -v b="$t1" -v n="$n" -v hz="$HZ" 'BEGIN {printf "%.2f", (b - a) / hz * 1e6 / n}')
   p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub("us","",v); v=v/1000} else if (v ~ /ms$/) {sub("ms","",v)} else if (v ~ /s$/) {sub("s","",v); v=v*1000}; print v}' <<<"$out")
   local errs
   errs=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out")
@@ -129,30 +156,26 @@ for r in $(seq 1 "$ROUNDS"); do
   for t in "${order[@]}"; do
     read -r rps p99 cpu < <(measure "${PORT[$t]}" "$t")
     echo "$t $rps $p99 $cpu" >>"$RUN/results"
-    log "round $r $t: $rps req/s, p99 ${p99} ms${cpu:+, ${cpu} µs CPU/request}"
+    log "round $r $t: $rps req/s, p99 ${p99} ms, ${cpu} us CPU per request"
   done
 done
 
 median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 
-declare -A RPS P99
+declare -A RPS P99 CPU
 for t in "${targets[@]}"; do
   RPS[$t]=$(awk -v t="$t" '$1==t {print $2}' "$RUN/results" | median)
   P99[$t]=$(awk -v t="$t" '$1==t {print $3}' "$RUN/results" | median)
+  CPU[$t]=$(awk -v t="$t" '$1==t {print $4}' "$RUN/results" | median)
 done
 
 echo
-echo "Gateway benchmark: wrk -t2 -c$CONNS -d${DURATION}s, $ROUNDS alternating rounds, medians"
-printf '%-12s %12s %10s %10s\n' proxy "req/s" "p99 ms" "vs nginx"
+echo "Gateway benchmark: wrk -t2 -c$CONNS -d${DURATION}s, $ROUNDS alternating rounds, medians; load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+printf '%-17s %12s %10s %10s %16s\n' proxy "req/s" "p99 ms" "vs nginx" "cpu_us_per_req"
 for t in "${targets[@]}"; do
   ratio=n/a
   [ -n "${RPS[nginx]:-}" ] && ratio=$(awk -v a="${RPS[$t]}" -v b="${RPS[nginx]}" 'BEGIN {printf "%.2fx", a/b}')
-  printf '%-12s %12.0f %10.2f %10s\n' "$t" "${RPS[$t]}" "${P99[$t]}" "$ratio"
-done
-for t in "${targets[@]}"; do
-  [ -n "${PID[$t]:-}" ] || continue
-  cpu=$(awk -v t="$t" '$1==t && $4 != "" {print $4}' "$RUN/results" | median)
-  echo "$t: median ${cpu} µs CPU per request"
+  printf '%-17s %12.0f %10.2f %10s %16.2f\n' "$t" "${RPS[$t]}" "${P99[$t]}" "$ratio" "${CPU[$t]}"
 done
 if [ -n "${RPS[switchboard-edge]:-}" ] && [ -n "${RPS[switchboard]:-}" ]; then
   awk -v a="${RPS[switchboard-edge]}" -v b="${RPS[switchboard]}" \
