@@ -4,6 +4,7 @@
 use std::io::Write as _;
 use std::net::IpAddr;
 
+use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// `x-request-id`.
@@ -24,48 +25,93 @@ pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-ke
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TRANSFER_ENCODING
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::UPGRADE
-        || name == header::PROXY_AUTHENTICATE
-        || name == header::PROXY_AUTHORIZATION
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
+/// Size of the per-thread slab that generated header values are cut from.
+const SLAB: usize = 8 * 1024;
+
+thread_local! {
+    static VALUES: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
+}
+
+/// A header value with these bytes (`None` if they are not a valid value).
+///
+/// `HeaderValue::from_bytes` allocates a buffer per value, and cloning such a
+/// value (the retry copy of the headers, the echo to the client) allocates
+/// again to share it. The values the gateway generates per request (request
+/// id, `traceparent`, `x-forwarded-for`) are instead cut from a per-thread
+/// slab: one allocation per ~100 values, and a clone is a reference-count
+/// increment. A slab lives until the last value cut from it is dropped.
+pub fn new_value(bytes: &[u8]) -> Option<HeaderValue> {
+    VALUES.with(|slab| {
+        let mut slab = slab.borrow_mut();
+        if slab.capacity() - slab.len() < bytes.len() {
+            *slab = BytesMut::with_capacity(SLAB.max(bytes.len()));
+        }
+        slab.extend_from_slice(bytes);
+        HeaderValue::from_maybe_shared(slab.split().freeze()).ok()
+    })
+}
+
+/// The hop-by-hop headers (RFC 9110 §7.6.1 and the legacy `keep-alive` /
+/// `proxy-connection`); `Connection` first.
+fn hop_by_hop() -> [&'static HeaderName; 9] {
+    [
+        &header::CONNECTION,
+        &header::TRANSFER_ENCODING,
+        &header::TE,
+        &header::TRAILER,
+        &header::UPGRADE,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+    ]
 }
 
 /// Removes hop-by-hop headers and every header named in `Connection`.
 ///
-/// The common case (none present) is one pass over the names with no hashing.
+/// One pass over the names finds which hop-by-hop headers are present; only
+/// those are removed (each `remove` hashes), so the common cases cost one
+/// scan (none present) or one scan and one removal (an upstream's
+/// `Connection: keep-alive`), with no allocation.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if !headers.keys().any(is_hop_by_hop) {
+    let hop = hop_by_hop();
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = hop.iter().position(|h| *h == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    // Names listed in Connection go too (RFC 9110 §7.6.1).
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
+    if present & 1 != 0 {
+        // Names listed in Connection go too (RFC 9110 §7.6.1). Hop-by-hop
+        // tokens (`keep-alive`) are removed below when present, and a
+        // listed name is looked up without allocating, so the usual
+        // `keep-alive` / `close` allocate nothing.
+        let mut listed: Vec<HeaderName> = Vec::new();
+        for v in headers.get_all(header::CONNECTION) {
+            let Ok(v) = v.to_str() else { continue };
+            for token in v.split(',').map(str::trim) {
+                if token.is_empty()
+                    || hop.iter().any(|h| token.eq_ignore_ascii_case(h.as_str()))
+                    || !headers.contains_key(token)
+                {
+                    continue;
+                }
+                if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
+                    listed.push(n);
+                }
+            }
+        }
+        for name in listed {
+            headers.remove(name);
+        }
     }
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::TE,
-        header::TRAILER,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        KEEP_ALIVE.clone(),
-        PROXY_CONNECTION.clone(),
-    ] {
-        headers.remove(name);
+    for (i, name) in hop.into_iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -108,11 +154,11 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<Heade
             v.extend_from_slice(prev.as_bytes());
             v.extend_from_slice(b", ");
             v.extend_from_slice(ip);
-            HeaderValue::from_bytes(&v)
+            new_value(&v)
         }
-        None => HeaderValue::from_bytes(ip),
+        None => new_value(ip),
     };
-    if let Ok(v) = value {
+    if let Some(v) = value {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
@@ -145,6 +191,53 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::ACCEPT));
+
+        // The usual upstream response: only `Connection: keep-alive`.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::CONTENT_LENGTH));
+
+        // A header literally named `close`, listed; several Connection lines;
+        // names listed but absent; hop-by-hop without Connection.
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("close, x-a"));
+        h.append(header::CONNECTION, HeaderValue::from_static(" X-B ,,"));
+        h.insert("close", HeaderValue::from_static("1"));
+        h.insert("x-a", HeaderValue::from_static("1"));
+        h.insert("x-b", HeaderValue::from_static("1"));
+        h.insert("x-c", HeaderValue::from_static("1"));
+        h.insert(header::TRAILER, HeaderValue::from_static("x-c"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-c"]);
+
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["host"]);
+    }
+
+    #[test]
+    fn slab_values() {
+        let mut seen = Vec::new();
+        // Enough values to fill several slabs; each keeps its own bytes.
+        for i in 0..2000 {
+            let text = format!("value-{i}");
+            let v = new_value(text.as_bytes()).unwrap();
+            assert_eq!(v.as_bytes(), text.as_bytes());
+            seen.push((text, v.clone()));
+        }
+        for (text, v) in &seen {
+            assert_eq!(v.as_bytes(), text.as_bytes());
+        }
+        let big = vec![b'a'; 3 * SLAB];
+        assert_eq!(new_value(&big).unwrap().len(), big.len());
+        assert!(new_value(b"bad\nvalue").is_none());
+        assert_eq!(new_value(b"after").unwrap(), "after");
     }
 
     #[test]
