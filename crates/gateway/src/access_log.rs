@@ -67,7 +67,17 @@ thread_local! {
 /// requests per second that is a tenth of the gateway's CPU. This one formats
 /// straight into a reused buffer.
 pub struct JsonLines {
-    buf: Mutex<Vec<u8>>,
+    buf: Mutex<Lines>,
+}
+
+/// The buffer and the last timestamp formatted into it.
+struct Lines {
+    buf: Vec<u8>,
+    /// Milliseconds since the epoch of `stamp`.
+    stamp_ms: u128,
+    /// RFC 3339 with milliseconds: the same for every line of a millisecond,
+    /// so it is formatted once per millisecond, not once per line.
+    stamp: String,
 }
 
 impl std::fmt::Debug for JsonLines {
@@ -122,11 +132,13 @@ impl tracing::field::Visit for Fields<'_> {
     }
     fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
         self.key(field.name());
-        let _ = write!(self.0, "{value}");
+        self.0
+            .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
     }
     fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
         self.key(field.name());
-        let _ = write!(self.0, "{value}");
+        self.0
+            .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
     }
     fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
         self.key(field.name());
@@ -145,7 +157,11 @@ impl JsonLines {
     /// An empty buffer.
     pub fn new() -> Self {
         Self {
-            buf: Mutex::new(Vec::with_capacity(64 * 1024)),
+            buf: Mutex::new(Lines {
+                buf: Vec::with_capacity(64 * 1024),
+                stamp_ms: 0,
+                stamp: String::new(),
+            }),
         }
     }
 
@@ -153,7 +169,7 @@ impl JsonLines {
     pub fn take(&self) -> Vec<u8> {
         self.buf
             .lock()
-            .map(|mut b| std::mem::take(&mut *b))
+            .map(|mut b| std::mem::take(&mut b.buf))
             .unwrap_or_default()
     }
 
@@ -163,8 +179,8 @@ impl JsonLines {
         let Ok(mut b) = self.buf.lock() else {
             return Ok(());
         };
-        let r = out.write_all(&b).and_then(|()| out.flush());
-        b.clear();
+        let r = out.write_all(&b.buf).and_then(|()| out.flush());
+        b.buf.clear();
         r
     }
 }
@@ -185,18 +201,35 @@ impl tracing::Subscriber for JsonLines {
     fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
     fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
     fn event(&self, event: &tracing::Event<'_>) {
-        let Ok(mut buf) = self.buf.lock() else {
+        let Ok(mut lines) = self.buf.lock() else {
             return;
         };
-        let meta = event.metadata();
-        let now = humantime::format_rfc3339_millis(std::time::SystemTime::now());
-        let _ = write!(
+        let Lines {
             buf,
-            "{{\"timestamp\":\"{now}\",\"level\":\"{}\",\"target\":\"{}\"",
-            meta.level(),
-            meta.target()
-        );
-        event.record(&mut Fields(&mut buf));
+            stamp_ms,
+            stamp,
+        } = &mut *lines;
+        let meta = event.metadata();
+        let now = std::time::SystemTime::now();
+        let ms = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        if ms != *stamp_ms || stamp.is_empty() {
+            *stamp_ms = ms;
+            stamp.clear();
+            let _ = std::fmt::Write::write_fmt(
+                stamp,
+                format_args!("{}", humantime::format_rfc3339_millis(now)),
+            );
+        }
+        buf.extend_from_slice(b"{\"timestamp\":\"");
+        buf.extend_from_slice(stamp.as_bytes());
+        buf.extend_from_slice(b"\",\"level\":\"");
+        buf.extend_from_slice(meta.level().as_str().as_bytes());
+        buf.extend_from_slice(b"\",\"target\":\"");
+        let _ = std::fmt::Write::write_str(&mut Escape(buf), meta.target());
+        buf.push(b'"');
+        event.record(&mut Fields(buf));
         buf.extend_from_slice(b"}\n");
     }
     fn enter(&self, _: &tracing::span::Id) {}
@@ -300,7 +333,25 @@ fn emit(rec: &AccessRecord) {
     let (route, service) = rec
         .route
         .map_or(("", ""), |l| (l.route.as_str(), l.service.as_str()));
-    let instance = rec.instance.map(tracing::field::display);
+    // The instance's address, formatted once per address (core::fmt costs
+    // more than the rest of the line).
+    thread_local! {
+        static ADDRS: std::cell::RefCell<std::collections::HashMap<SocketAddr, Box<str>>> =
+            std::cell::RefCell::default();
+    }
+    ADDRS.with(|addrs| {
+        let mut addrs = addrs.borrow_mut();
+        if addrs.len() > 4096 {
+            addrs.clear();
+        }
+        let instance = rec
+            .instance
+            .map(|a| &**addrs.entry(a).or_insert_with(|| a.to_string().into()));
+        emit_with(rec, route, service, instance);
+    });
+}
+
+fn emit_with(rec: &AccessRecord, route: &str, service: &str, instance: Option<&str>) {
     tracing::info!(
         target: TARGET,
         request_id = rec.request_id.to_str().unwrap_or(""),
@@ -350,5 +401,13 @@ mod tests {
         assert_eq!(v["duration_us"], 1234);
         assert_eq!(v["attempts"], 2);
         assert_eq!(v["target"], TARGET);
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["message"], "request");
+        assert_eq!(v["complete"], true);
+        let ts = v["timestamp"].as_str().unwrap();
+        let parsed = humantime::parse_rfc3339(ts).unwrap();
+        let age = std::time::SystemTime::now().duration_since(parsed).unwrap();
+        assert!(age < Duration::from_secs(60), "{ts}");
+        assert_eq!(ts.len(), "2026-01-01T00:00:00.000Z".len(), "{ts}");
     }
 }
