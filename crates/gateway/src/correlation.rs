@@ -55,7 +55,7 @@ pub fn new_request_id() -> HeaderValue {
     let mut buf = [0u8; 32];
     hex_into(&mut buf[..16], random_u64());
     hex_into(&mut buf[16..], random_u64());
-    HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
+    crate::headers::new_value(&buf).unwrap_or(HeaderValue::from_static("0"))
 }
 
 /// Returns the client's request id if sane, a new one otherwise.
@@ -157,7 +157,7 @@ pub fn next_traceparent(incoming: Option<&HeaderValue>) -> (HeaderValue, bool) {
     }
     hex_into(&mut buf[36..52], span);
     (
-        HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("")),
+        crate::headers::new_value(&buf).unwrap_or(HeaderValue::from_static("")),
         parsed.is_some(),
     )
 }
