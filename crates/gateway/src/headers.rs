@@ -212,13 +212,19 @@ mod tests {
         h.insert(header::TRAILER, HeaderValue::from_static("x-c"));
         h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
         strip_hop_by_hop(&mut h);
-        assert_eq!(h.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-c"]);
+        assert_eq!(
+            h.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
+            ["x-c"]
+        );
 
         let mut h = HeaderMap::new();
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert(header::HOST, HeaderValue::from_static("a"));
         strip_hop_by_hop(&mut h);
-        assert_eq!(h.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["host"]);
+        assert_eq!(
+            h.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
+            ["host"]
+        );
     }
 
     #[test]
