@@ -10,6 +10,7 @@
 //! Decoders never panic: bad input gives a [`DecodeError`] that names the
 //! attribute, or the line and column of a syntax error.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -122,8 +123,45 @@ pub fn encode(event: &Event) -> Vec<u8> {
     serde_json::to_vec(event).unwrap_or_default()
 }
 
-/// A JSON object's members in order, each value left unparsed.
-struct Members<'a>(Vec<(String, &'a RawValue)>);
+/// Appends an event in CloudEvents JSON structured mode to `out` (publishers
+/// reuse one buffer for a batch).
+pub(crate) fn encode_into(event: &Event, out: &mut Vec<u8>) {
+    // Serializing strings and raw JSON into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, event);
+}
+
+/// A JSON object's members in order, each value left unparsed; names are
+/// borrowed from the input unless they contain escapes.
+struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+/// A member name, borrowed where the input allows (serde's own `Cow<str>`
+/// always copies).
+struct Name<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Name<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Name<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                v: &'de str,
+            ) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
 
 impl<'de> Deserialize<'de> for Members<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -135,8 +173,8 @@ impl<'de> Deserialize<'de> for Members<'de> {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut out = Vec::with_capacity(map.size_hint().unwrap_or(8));
-                while let Some((k, v)) = map.next_entry::<String, &'de RawValue>()? {
-                    out.push((k, v));
+                while let Some((k, v)) = map.next_entry::<Name<'de>, &'de RawValue>()? {
+                    out.push((k.0, v));
                 }
                 Ok(Members(out))
             }
@@ -150,14 +188,27 @@ fn parse_members<'a>(format: &'static str, bytes: &'a [u8]) -> Result<Members<'a
         format,
         message: e.to_string(),
     })?;
-    let mut seen = std::collections::HashSet::with_capacity(members.0.len());
-    for (k, _) in &members.0 {
-        if !seen.insert(k.as_str()) {
-            return Err(DecodeError::Duplicate {
-                format,
-                attribute: k.clone(),
-            });
-        }
+    let duplicate = if members.0.len() <= 16 {
+        // An event has a dozen members: comparing pairs beats hashing.
+        members
+            .0
+            .iter()
+            .enumerate()
+            .find(|(i, (k, _))| members.0[..*i].iter().any(|(seen, _)| seen == k))
+            .map(|(_, (k, _))| k)
+    } else {
+        let mut seen = std::collections::HashSet::with_capacity(members.0.len());
+        members
+            .0
+            .iter()
+            .map(|(k, _)| k)
+            .find(|&k| !seen.insert(k.as_ref()))
+    };
+    if let Some(k) = duplicate {
+        return Err(DecodeError::Duplicate {
+            format,
+            attribute: k.to_string(),
+        });
     }
     Ok(members)
 }
@@ -175,7 +226,12 @@ fn opt_string(
     if is_null(raw) {
         return Ok(None);
     }
-    serde_json::from_str::<String>(raw.get())
+    // A valid JSON string without a backslash has no escapes: its text is the value.
+    let text = raw.get();
+    if text.len() >= 2 && text.starts_with('"') && text.ends_with('"') && !text.contains('\\') {
+        return Ok(Some(text[1..text.len() - 1].to_owned()));
+    }
+    serde_json::from_str::<String>(text)
         .map(Some)
         .map_err(|_| DecodeError::Invalid {
             format,
@@ -200,7 +256,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let mut spec = None;
     let mut data_seen = false;
     for (name, raw) in members.0 {
-        match name.as_str() {
+        match name.as_ref() {
             "specversion" => spec = opt_string(CE, &name, raw)?,
             "id" => e.id = opt_string(CE, &name, raw)?.unwrap_or_default(),
             "source" => e.source = opt_string(CE, &name, raw)?.unwrap_or_default(),
@@ -216,7 +272,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 if data_seen {
                     return Err(DecodeError::Invalid {
                         format: CE,
-                        attribute: name,
+                        attribute: name.into_owned(),
                         reason: "`data` and `data_base64` are mutually exclusive".into(),
                     });
                 }
@@ -227,7 +283,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                     let text = opt_string(CE, &name, raw)?.unwrap_or_default();
                     Data::Binary(base64_decode(&text).map_err(|reason| DecodeError::Invalid {
                         format: CE,
-                        attribute: name,
+                        attribute: name.into_owned(),
                         reason,
                     })?)
                 });
@@ -239,10 +295,10 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 let value: serde_json::Value =
                     serde_json::from_str(raw.get()).map_err(|err| DecodeError::Invalid {
                         format: CE,
-                        attribute: name.clone(),
+                        attribute: name.to_string(),
                         reason: err.to_string(),
                     })?;
-                e.extensions.insert(name, value);
+                e.extensions.insert(name.into_owned(), value);
             }
         }
     }
@@ -330,7 +386,7 @@ pub fn decode_plain(bytes: &[u8]) -> Result<Event, DecodeError> {
     let mut e = empty_inner();
     e.source = PLAIN_SOURCE.to_owned();
     for (name, raw) in members.0 {
-        match name.as_str() {
+        match name.as_ref() {
             "id" => {
                 // Some buses use numeric ids; keep their text.
                 e.id = if raw.get().starts_with('"') {
@@ -340,7 +396,7 @@ pub fn decode_plain(bytes: &[u8]) -> Result<Event, DecodeError> {
                 } else {
                     return Err(DecodeError::Invalid {
                         format: PLAIN,
-                        attribute: name,
+                        attribute: name.into_owned(),
                         reason: format!("expected a string, found {}", preview(raw.get())),
                     });
                 };
@@ -363,13 +419,13 @@ pub fn decode_plain(bytes: &[u8]) -> Result<Event, DecodeError> {
                 let value: serde_json::Value =
                     serde_json::from_str(raw.get()).map_err(|err| DecodeError::Invalid {
                         format: PLAIN,
-                        attribute: name.clone(),
+                        attribute: name.to_string(),
                         reason: err.to_string(),
                     })?;
                 // Foreign extras that are not valid CloudEvents extensions are dropped
                 // rather than failing the whole event.
                 if crate::event::validate_extension(&name, &value).is_ok() {
-                    e.extensions.insert(name, value);
+                    e.extensions.insert(name.into_owned(), value);
                 }
             }
         }

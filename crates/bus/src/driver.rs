@@ -23,22 +23,24 @@
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::backoff::RetryBackoff;
 use crate::deadletter::{self, Reason};
 use crate::middleware::correlation::{self, Correlation};
 use crate::middleware::metrics::Metrics;
 use crate::stats::GroupCounters;
-use crate::{BusError, Event, Handler, SubscribeOptions, Subscription};
+use crate::{BusError, Event, Handler, HandlerError, SubscribeOptions, Subscription};
 
 /// An entry that could not be decoded into an event.
 #[derive(Debug, Clone)]
@@ -58,7 +60,7 @@ pub(crate) struct Delivery<T> {
 /// What a backend implements to be consumed by the shared loop.
 pub(crate) trait Consumer: Send + Sync + 'static {
     /// Identifies a delivery for ack/retry (a sequence number, a stream id, a message).
-    type Token: Send + Sync + 'static;
+    type Token: Send + Sync + Unpin + 'static;
 
     /// Whether dropping a `fetch` future midway loses nothing.
     const CANCEL_SAFE_FETCH: bool;
@@ -205,39 +207,89 @@ async fn fetcher<C: Consumer>(
 
 type Outcome<T> = (Delivery<T>, Result<(), String>, Duration);
 
-async fn runner<T: Send + Sync + 'static>(
+/// One handler run: the handler's future polled inside the event's span and
+/// correlation context, with panics caught.
+///
+/// Written out by hand rather than as an `async` block so that the runner can
+/// poll it once in place: a handler that finishes without waiting (most do)
+/// is settled without going through `FuturesUnordered`, which would allocate
+/// and schedule a task node per event.
+struct Run<T> {
+    delivery: Option<Delivery<T>>,
+    fut: BoxFuture<'static, Result<(), HandlerError>>,
+    correlation: Correlation,
+    span: tracing::Span,
+    started: Instant,
+}
+
+impl<T: Unpin> Run<T> {
+    fn start(handler: &dyn Handler, delivery: Delivery<T>, event: Event, started: Instant) -> Self {
+        let span = tracing::debug_span!(
+            "event",
+            r#type = %event.ty(),
+            id = %event.id(),
+            attempt = delivery.attempt,
+            correlationid = event.correlation_id().unwrap_or(""),
+            traceparent = event.traceparent().unwrap_or(""),
+        );
+        let mut correlation = Correlation::of(&event);
+        correlation.traceparent = correlation
+            .traceparent
+            .as_deref()
+            .map(correlation::child_traceparent);
+        let fut = {
+            let _entered = span.enter();
+            // A handler may panic before it returns its future, too.
+            std::panic::catch_unwind(AssertUnwindSafe(|| {
+                correlation::sync_scope(correlation.clone(), || handler.handle(event))
+            }))
+            .unwrap_or_else(|panic| {
+                let error: HandlerError = panic_message(&*panic).into();
+                Box::pin(std::future::ready(Err(error)))
+            })
+        };
+        Run {
+            delivery: Some(delivery),
+            fut,
+            correlation,
+            span,
+            started,
+        }
+    }
+}
+
+impl<T: Unpin> Future for Run<T> {
+    type Output = Outcome<T>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome<T>> {
+        let this = self.get_mut();
+        let polled = {
+            let _entered = this.span.enter();
+            let (fut, correlation) = (&mut this.fut, &this.correlation);
+            std::panic::catch_unwind(AssertUnwindSafe(|| {
+                correlation::sync_scope(correlation.clone(), || fut.as_mut().poll(cx))
+            }))
+        };
+        let result = match polled {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(Ok(()))) => Ok(()),
+            Ok(Poll::Ready(Err(e))) => Err(e.to_string()),
+            Err(panic) => Err(panic_message(&*panic)),
+        };
+        let Some(delivery) = this.delivery.take() else {
+            unreachable!("a finished run is not polled again")
+        };
+        Poll::Ready((delivery, result, this.started.elapsed()))
+    }
+}
+
+async fn runner<T: Send + Sync + Unpin + 'static>(
     mut deliveries: mpsc::UnboundedReceiver<Vec<Delivery<T>>>,
     settle: mpsc::UnboundedSender<Vec<Settle<T>>>,
     handler: Arc<dyn Handler>,
     ctx: Arc<Ctx>,
 ) {
-    let mut running = FuturesUnordered::new();
-    let run = |d: Delivery<T>, event: Event| {
-        let handler = Arc::clone(&handler);
-        async move {
-            let started = Instant::now();
-            let span = tracing::debug_span!(
-                "event",
-                r#type = %event.ty(),
-                id = %event.id(),
-                attempt = d.attempt,
-                correlationid = event.correlation_id().unwrap_or(""),
-                traceparent = event.traceparent().unwrap_or(""),
-            );
-            let mut cx = Correlation::of(&event);
-            cx.traceparent = cx
-                .traceparent
-                .as_deref()
-                .map(correlation::child_traceparent);
-            let fut = correlation::scope(cx, handler.handle(event));
-            let result = match AssertUnwindSafe(fut).catch_unwind().instrument(span).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(panic) => Err(panic_message(&*panic)),
-            };
-            (d, result, started.elapsed())
-        }
-    };
+    let mut running: FuturesUnordered<Run<T>> = FuturesUnordered::new();
     let mut open = true;
     while open || !running.is_empty() {
         tokio::select! {
@@ -255,6 +307,10 @@ async fn runner<T: Send + Sync + 'static>(
                     let redelivered = batch.iter().filter(|d| d.attempt > 1).count();
                     ctx.metrics.delivered(batch.len() as u64, redelivered as u64);
                     ctx.group_stats.delivered(batch.len() as u64, redelivered as u64);
+                    let waker = std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
+                    let mut task_cx = Context::from_waker(&waker);
+                    let mut done = Vec::with_capacity(batch.len());
+                    let mut now = Instant::now();
                     for Delivery { token, attempt, payload } in batch {
                         let settlement = match payload {
                             Err(bad) => {
@@ -270,14 +326,23 @@ async fn runner<T: Send + Sync + 'static>(
                             }
                             Ok(event) => {
                                 let d = Delivery { token, attempt, payload: Ok(event.clone()) };
-                                running.push(run(d, event));
+                                // One clock read per event: a run that ends in
+                                // place ends when the next one starts.
+                                let mut run = Run::start(&*handler, d, event, now);
+                                let polled = Pin::new(&mut run).poll(&mut task_cx);
+                                now = Instant::now();
+                                match polled {
+                                    Poll::Ready(outcome) => done.push(decide(&ctx, outcome)),
+                                    Poll::Pending => running.push(run),
+                                }
                                 continue;
                             }
                         };
                         ctx.metrics.dead_lettered();
-                ctx.group_stats.dead_lettered();
-                        if settle.send(vec![settlement]).is_err() { return; }
+                        ctx.group_stats.dead_lettered();
+                        done.push(settlement);
                     }
+                    if !done.is_empty() && settle.send(done).is_err() { return; }
                 }
                 None => open = false,
             },

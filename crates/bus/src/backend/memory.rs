@@ -60,21 +60,77 @@ struct TopicState {
     groups: HashMap<String, Group>,
 }
 
-#[derive(Default)]
 struct Group {
     /// The next never-delivered sequence number.
     cursor: u64,
-    pending: HashMap<u64, Pending>,
+    /// Delivered, unacknowledged events by sequence number: slot `i` is
+    /// `pending_base + i`. Deliveries of new events are in sequence order, so
+    /// this is a ring that grows at the back and shrinks at the front as acks
+    /// arrive (an ack in the middle leaves a `None` hole): O(1) per delivery
+    /// and per ack, where a map would hash and allocate per event.
+    pending: VecDeque<Option<Pending>>,
+    /// Sequence number of `pending[0]`.
+    pending_base: u64,
     /// No pending deadline is earlier than this (it may be stale-early).
     next_deadline: Option<Instant>,
 }
 
+#[derive(Clone, Copy)]
 struct Pending {
     /// Ack deadline while in flight; visibility time while waiting for a retry.
     deadline: Instant,
     /// Deliveries so far.
     attempts: u32,
 }
+
+impl Group {
+    fn new(cursor: u64) -> Self {
+        Group {
+            cursor,
+            pending: VecDeque::new(),
+            pending_base: cursor,
+            next_deadline: None,
+        }
+    }
+
+    fn pending_mut(&mut self, seq: u64) -> Option<&mut Pending> {
+        let i = usize::try_from(seq.checked_sub(self.pending_base)?).ok()?;
+        self.pending.get_mut(i)?.as_mut()
+    }
+
+    fn ack(&mut self, seq: u64) {
+        if let Some(i) = seq
+            .checked_sub(self.pending_base)
+            .and_then(|i| usize::try_from(i).ok())
+            && let Some(slot) = self.pending.get_mut(i)
+        {
+            *slot = None;
+        }
+        while let Some(None) = self.pending.front() {
+            self.pending.pop_front();
+            self.pending_base += 1;
+        }
+        if self.pending.is_empty() {
+            // Nothing in flight: the ring restarts at the cursor.
+            self.pending_base = self.cursor;
+            self.next_deadline = None;
+        }
+    }
+
+    /// The lowest sequence number this group still needs.
+    fn floor(&self) -> u64 {
+        if self.pending.is_empty() {
+            self.cursor
+        } else {
+            self.pending_base.min(self.cursor)
+        }
+    }
+}
+
+/// Events dropped per publish at most by trimming, so that a log that grew
+/// while a group lagged is cut back a slice at a time instead of in one long
+/// stall under the lock.
+const TRIM_STEP: usize = 4096;
 
 impl TopicState {
     #[cfg(test)]
@@ -88,28 +144,24 @@ impl TopicState {
             .get(usize::try_from(seq.checked_sub(self.first_seq)?).ok()?)
     }
 
-    /// Drops events below every group's cursor and pending entries, down to `max_len`.
-    fn trim(&mut self, max_len: usize) {
+    /// Takes up to `step` events below every group's cursor and pending
+    /// entries off the front, down to `max_len`. The caller drops them after
+    /// releasing the lock.
+    fn trim(&mut self, max_len: usize, step: usize) -> Vec<Event> {
         if self.log.len() <= max_len {
-            return;
+            return Vec::new();
         }
         let floor = self
             .groups
             .values()
-            .map(|g| {
-                g.pending
-                    .keys()
-                    .copied()
-                    .min()
-                    .unwrap_or(g.cursor)
-                    .min(g.cursor)
-            })
+            .map(Group::floor)
             .min()
             .unwrap_or(u64::MAX);
-        while self.log.len() > max_len && self.first_seq < floor {
-            self.log.pop_front();
-            self.first_seq += 1;
-        }
+        let below_floor =
+            usize::try_from(floor.saturating_sub(self.first_seq)).unwrap_or(usize::MAX);
+        let n = (self.log.len() - max_len).min(below_floor).min(step);
+        self.first_seq += n as u64;
+        self.log.drain(..n).collect()
     }
 }
 
@@ -139,35 +191,38 @@ impl Memory {
     }
 
     fn topic(&self, name: &str) -> Arc<Topic> {
-        Arc::clone(
-            self.broker
-                .topics
-                .lock()
-                .entry(name.to_owned())
-                .or_insert_with(|| {
-                    Arc::new(Topic {
-                        state: Mutex::new(TopicState {
-                            log: VecDeque::new(),
-                            first_seq: 0,
-                            groups: HashMap::new(),
-                        }),
-                        notify: Notify::new(),
-                    })
+        let mut topics = self.broker.topics.lock();
+        if let Some(t) = topics.get(name) {
+            return Arc::clone(t);
+        }
+        Arc::clone(topics.entry(name.to_owned()).or_insert_with(|| {
+            Arc::new(Topic {
+                state: Mutex::new(TopicState {
+                    log: VecDeque::new(),
+                    first_seq: 0,
+                    groups: HashMap::new(),
                 }),
-        )
+                notify: Notify::new(),
+            })
+        }))
     }
 
     pub(crate) fn publish(&self, topic: &str, events: &[Event]) {
         let t = self.topic(topic);
-        {
+        let trimmed = {
             let mut s = t.state.lock();
             s.log.extend(events.iter().cloned());
-            // Amortized: trim when an eighth over the bound.
+            // Amortized: trim when an eighth over the bound, at most a step
+            // (and twice what was added) per publish.
             if s.log.len() > self.broker.max_len + self.broker.max_len / 8 + 1 {
-                s.trim(self.broker.max_len);
+                s.trim(self.broker.max_len, TRIM_STEP.max(2 * events.len()))
+            } else {
+                Vec::new()
             }
-        }
+        };
         t.notify.notify_waiters();
+        // Freeing events is the costly part of trimming: not under the lock.
+        drop(trimmed);
     }
 
     pub(crate) fn delete_group(&self, topic: &str, group: &str) {
@@ -202,10 +257,9 @@ impl Memory {
             } else {
                 s.first_seq
             };
-            s.groups.entry(group.to_owned()).or_insert_with(|| Group {
-                cursor: first,
-                ..Group::default()
-            });
+            s.groups
+                .entry(group.to_owned())
+                .or_insert_with(|| Group::new(first));
         }
         MemoryConsumer {
             memory: Memory {
@@ -238,11 +292,15 @@ impl MemoryConsumer {
         let mut out = Vec::new();
         if g.next_deadline.is_some_and(|d| d <= now) {
             let mut next: Option<Instant> = None;
-            for (&seq, p) in &mut g.pending {
+            for (seq, p) in (g.pending_base..).zip(g.pending.iter_mut()) {
+                let Some(p) = p else { continue };
                 if p.deadline <= now && out.len() < max {
                     p.attempts += 1;
                     p.deadline = now + self.ack_wait;
-                    if let Some(event) = s.log.get((seq - s.first_seq) as usize) {
+                    if let Some(event) = seq
+                        .checked_sub(s.first_seq)
+                        .and_then(|i| s.log.get(usize::try_from(i).ok()?))
+                    {
                         out.push(Delivery {
                             token: seq,
                             attempt: p.attempts,
@@ -255,26 +313,34 @@ impl MemoryConsumer {
             g.next_deadline = next;
         }
         let end = s.first_seq + s.log.len() as u64;
-        let deadline = now + self.ack_wait;
-        while out.len() < max && g.cursor < end {
-            let seq = g.cursor;
-            g.cursor += 1;
-            let event = s.log[(seq - s.first_seq) as usize].clone();
-            g.pending.insert(
-                seq,
-                Pending {
+        let n = usize::try_from(end - g.cursor)
+            .unwrap_or(usize::MAX)
+            .min(max - out.len());
+        if n > 0 {
+            let deadline = now + self.ack_wait;
+            if g.pending.is_empty() {
+                g.pending_base = g.cursor;
+            }
+            let from = usize::try_from(g.cursor - s.first_seq).unwrap_or(usize::MAX);
+            out.reserve(n);
+            for (seq, event) in (g.cursor..).zip(s.log.range(from..from + n)) {
+                out.push(Delivery {
+                    token: seq,
+                    attempt: 1,
+                    payload: Ok(event.clone()),
+                });
+            }
+            g.pending.extend(std::iter::repeat_n(
+                Some(Pending {
                     deadline,
                     attempts: 1,
-                },
-            );
-            out.push(Delivery {
-                token: seq,
-                attempt: 1,
-                payload: Ok(event),
-            });
-        }
-        if !out.is_empty() && g.next_deadline.is_none_or(|d| d > deadline) {
-            g.next_deadline = Some(deadline);
+                }),
+                n,
+            ));
+            g.cursor += n as u64;
+            if g.next_deadline.is_none_or(|d| d > deadline) {
+                g.next_deadline = Some(deadline);
+            }
         }
         (out, g.next_deadline)
     }
@@ -309,8 +375,8 @@ impl Consumer for MemoryConsumer {
     async fn ack(&self, tokens: &[u64]) -> Result<(), BusError> {
         let mut s = self.topic.state.lock();
         if let Some(g) = s.groups.get_mut(&self.group) {
-            for seq in tokens {
-                g.pending.remove(seq);
+            for &seq in tokens {
+                g.ack(seq);
             }
         }
         Ok(())
@@ -320,7 +386,7 @@ impl Consumer for MemoryConsumer {
         {
             let mut s = self.topic.state.lock();
             if let Some(g) = s.groups.get_mut(&self.group)
-                && let Some(p) = g.pending.get_mut(&token)
+                && let Some(p) = g.pending_mut(token)
             {
                 let at = Instant::now() + delay;
                 p.deadline = at;
@@ -372,6 +438,31 @@ mod tests {
         let s = s.state.lock();
         assert!(s.log.len() <= 5, "{}", s.log.len());
         assert_eq!(s.end_seq(), 40);
+    }
+
+    /// A consumer that keeps up keeps the log near `max_len`, and acks in
+    /// any order shrink the pending ring.
+    #[test]
+    fn an_acking_consumer_keeps_the_log_bounded() {
+        let m = Memory::open("trim-test-3?max_len=100").unwrap();
+        let c = m.consumer("t", "g", &SubscribeOptions::default());
+        for round in 0..50u32 {
+            m.publish(
+                "t",
+                &(round * 64..(round + 1) * 64).map(ev).collect::<Vec<_>>(),
+            );
+            let (got, _) = c.take(64);
+            assert_eq!(got.len(), 64);
+            // Acked back to front: the ring empties only with the last ack.
+            for d in got.iter().rev() {
+                futures::executor::block_on(c.ack(&[d.token])).unwrap();
+            }
+            let s = c.topic.state.lock();
+            assert!(s.groups["g"].pending.is_empty());
+        }
+        let s = c.topic.state.lock();
+        assert_eq!(s.end_seq(), 50 * 64);
+        assert!(s.log.len() <= 100 + 100 / 8 + 1 + 64, "{}", s.log.len());
     }
 
     #[test]

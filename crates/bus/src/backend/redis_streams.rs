@@ -263,14 +263,17 @@ async fn publish(conn: &ConnectionManager, key: &str, events: &[Event]) -> Resul
         return Ok(());
     }
     // One round trip per chunk; chunks keep a single reply bounded.
+    let mut buf = Vec::with_capacity(1024);
     for chunk in events.chunks(1024) {
         let mut pipe = redis::pipe();
         for event in chunk {
+            buf.clear();
+            codec::encode_into(event, &mut buf);
             pipe.cmd("XADD")
                 .arg(key)
                 .arg("*")
                 .arg(FIELD)
-                .arg(codec::encode(event))
+                .arg(&buf[..])
                 .ignore();
         }
         let () = pipe
@@ -317,12 +320,49 @@ pub(crate) struct RedisConsumer {
 
 struct ConsumerState {
     /// Failed entries waiting for their backoff: (due, id, deliveries so far).
-    retries: BinaryHeap<Reverse<(Instant, String, u32)>>,
+    retries: BinaryHeap<Reverse<(Instant, StreamId, u32)>>,
     next_reclaim: Instant,
     reclaim_cursor: String,
 }
 
-type Entry = (String, Result<Event, Malformed>);
+/// A stream entry id `MS-SEQ`, kept as numbers: a delivery token that costs
+/// no allocation and is written into `XACK`/`XCLAIM` without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct StreamId {
+    ms: u64,
+    seq: u64,
+}
+
+impl StreamId {
+    fn parse(b: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(b).ok()?;
+        let (ms, seq) = text.split_once('-').unwrap_or((text, "0"));
+        Some(StreamId {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for StreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+impl redis::ToRedisArgs for StreamId {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        use std::io::Write as _;
+        // Two u64s and a dash fit in 41 bytes.
+        let mut buf = [0u8; 41];
+        let mut rest = &mut buf[..];
+        let _ = write!(rest, "{}-{}", self.ms, self.seq);
+        let len = 41 - rest.len();
+        out.write_arg(&buf[..len]);
+    }
+}
+
+type Entry = (StreamId, Result<Event, Malformed>);
 
 fn bytes(v: &Value) -> Option<&[u8]> {
     match v {
@@ -352,10 +392,10 @@ fn parse_entries(v: &Value) -> Vec<Entry> {
     let mut out = Vec::new();
     for entry in items(v) {
         let [id, fields] = items(entry) else { continue };
-        let Some(id) = bytes(id).and_then(|b| std::str::from_utf8(b).ok()) else {
+        let Some(id) = bytes(id).and_then(StreamId::parse) else {
             continue;
         };
-        out.push((id.to_owned(), decode_fields(fields)));
+        out.push((id, decode_fields(fields)));
     }
     out
 }
@@ -425,9 +465,9 @@ impl RedisConsumer {
         redis_error(e)
     }
 
-    async fn claim_retries(&self, max: usize) -> Result<Vec<Delivery<String>>, BusError> {
+    async fn claim_retries(&self, max: usize) -> Result<Vec<Delivery<StreamId>>, BusError> {
         let now = Instant::now();
-        let due: Vec<(String, u32)> = {
+        let due: Vec<(StreamId, u32)> = {
             let mut st = self.state.lock();
             let mut due = Vec::new();
             while due.len() < max
@@ -478,7 +518,7 @@ impl RedisConsumer {
     }
 
     /// Takes over entries other consumers left unacknowledged for longer than the ack wait.
-    async fn reclaim(&self, max: usize) -> Result<Vec<Delivery<String>>, BusError> {
+    async fn reclaim(&self, max: usize) -> Result<Vec<Delivery<StreamId>>, BusError> {
         let cursor = {
             let st = self.state.lock();
             if Instant::now() < st.next_reclaim {
@@ -526,9 +566,8 @@ impl RedisConsumer {
             // back here; do not also retry them from the heap.
             let mut st = self.state.lock();
             if !st.retries.is_empty() {
-                let ids: HashSet<&str> = claimed.iter().map(|(id, _)| id.as_str()).collect();
-                st.retries
-                    .retain(|Reverse((_, id, _))| !ids.contains(id.as_str()));
+                let ids: HashSet<StreamId> = claimed.iter().map(|(id, _)| *id).collect();
+                st.retries.retain(|Reverse((_, id, _))| !ids.contains(id));
             }
         }
         let counts = self.delivery_counts(&claimed).await?;
@@ -546,7 +585,7 @@ impl RedisConsumer {
     }
 
     /// Delivery counts of entries pending for this consumer (XAUTOCLAIM does not return them).
-    async fn delivery_counts(&self, claimed: &[Entry]) -> Result<Vec<(String, u32)>, BusError> {
+    async fn delivery_counts(&self, claimed: &[Entry]) -> Result<Vec<(StreamId, u32)>, BusError> {
         let (Some(first), Some(last)) = (claimed.first(), claimed.last()) else {
             return Ok(Vec::new());
         };
@@ -554,8 +593,8 @@ impl RedisConsumer {
         let reply: Value = redis::cmd("XPENDING")
             .arg(&self.key)
             .arg(&self.group)
-            .arg(&first.0)
-            .arg(&last.0)
+            .arg(first.0)
+            .arg(last.0)
             // Our other pending entries may lie in the range too.
             .arg(claimed.len() + 10_000)
             .arg(&self.name)
@@ -568,13 +607,13 @@ impl RedisConsumer {
                 let [id, _consumer, _idle, count] = items(row) else {
                     return None;
                 };
-                let id = std::str::from_utf8(bytes(id)?).ok()?.to_owned();
+                let id = StreamId::parse(bytes(id)?)?;
                 Some((id, u32::try_from(int(count)?).ok()?))
             })
             .collect())
     }
 
-    async fn read_new(&self, max: usize) -> Result<Vec<Delivery<String>>, BusError> {
+    async fn read_new(&self, max: usize) -> Result<Vec<Delivery<StreamId>>, BusError> {
         let block = {
             let st = self.state.lock();
             let now = Instant::now();
@@ -625,11 +664,11 @@ impl RedisConsumer {
 }
 
 impl Consumer for RedisConsumer {
-    type Token = String;
+    type Token = StreamId;
     // A dropped XREADGROUP reply would strand its entries until the ack wait.
     const CANCEL_SAFE_FETCH: bool = false;
 
-    async fn fetch(&self, max: usize) -> Result<Vec<Delivery<String>>, BusError> {
+    async fn fetch(&self, max: usize) -> Result<Vec<Delivery<StreamId>>, BusError> {
         let mut out = self.claim_retries(max).await?;
         if out.len() < max {
             out.extend(self.reclaim(max - out.len()).await?);
@@ -640,7 +679,7 @@ impl Consumer for RedisConsumer {
         Ok(out)
     }
 
-    async fn ack(&self, ids: &[String]) -> Result<(), BusError> {
+    async fn ack(&self, ids: &[StreamId]) -> Result<(), BusError> {
         let mut conn = self.shared.conn.clone();
         for chunk in ids.chunks(4096) {
             let mut cmd = redis::cmd("XACK");
@@ -653,7 +692,7 @@ impl Consumer for RedisConsumer {
         Ok(())
     }
 
-    async fn retry(&self, id: String, attempt: u32, delay: Duration) -> Result<(), BusError> {
+    async fn retry(&self, id: StreamId, attempt: u32, delay: Duration) -> Result<(), BusError> {
         self.state
             .lock()
             .retries

@@ -44,6 +44,11 @@ pub async fn scope<F: Future>(correlation: Correlation, fut: F) -> F::Output {
     CURRENT.scope(correlation, fut).await
 }
 
+/// Runs `f` with `correlation` as the current context (one poll of a handler).
+pub(crate) fn sync_scope<R>(correlation: Correlation, f: impl FnOnce() -> R) -> R {
+    CURRENT.sync_scope(correlation, f)
+}
+
 /// The current context, if the task runs inside [`scope`].
 pub fn current() -> Option<Correlation> {
     CURRENT.try_with(Clone::clone).ok()
