@@ -58,3 +58,45 @@ pub fn server_config(tls: &RawTls) -> io::Result<Arc<rustls::ServerConfig>> {
 pub fn acceptor(tls: &RawTls) -> io::Result<TlsAcceptor> {
     server_config(tls).map(TlsAcceptor::from)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a PEM file holds, checking it never panics, and a refusal
+        /// names the file.
+        #[test]
+        fn any_file_content_is_checked_without_panic(
+            body in proptest::collection::vec(any::<u8>(), 0..1024),
+            label in prop::sample::select(vec!["CERTIFICATE", "PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY", "X"]),
+            wrap in any::<bool>(),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("x.pem");
+            let mut text = Vec::new();
+            if wrap {
+                text.extend_from_slice(format!("-----BEGIN {label}-----\n").as_bytes());
+            }
+            text.extend_from_slice(&body);
+            if wrap {
+                text.extend_from_slice(format!("\n-----END {label}-----\n").as_bytes());
+            }
+            std::fs::write(&path, &text).unwrap();
+            for name in ["cert", "key"] {
+                if let Err(e) = check_file(name, &path) {
+                    prop_assert!(e.contains("x.pem"), "{}", e);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let e = check_file("cert", Path::new("/nonexistent/chain.pem")).unwrap_err();
+        assert!(e.contains("/nonexistent/chain.pem"), "{e}");
+        let e = check_file("key", Path::new("/nonexistent/key.pem")).unwrap_err();
+        assert!(e.contains("/nonexistent/key.pem"), "{e}");
+    }
+}
