@@ -75,9 +75,11 @@ pub enum ReloadError {
     /// The file could not be read or is invalid (the same errors as `switchboard check`).
     #[error(transparent)]
     Load(#[from] LoadError),
-    /// Discovery refused the new config (e.g. a static instance could not be registered).
-    #[error("discovery: {0}")]
-    Discovery(String),
+    /// The new config could not be put in place: discovery refused it (a
+    /// static instance could not be registered) or a route's policy could
+    /// not be built.
+    #[error("cannot apply the config: {0}")]
+    Apply(String),
 }
 
 /// One live route of the current generation.
@@ -199,7 +201,7 @@ impl Reloader {
         if let Err(e) = self.discovery.prepare(&cur.config, &new).await {
             self.gw.metrics.reload(false);
             tracing::error!(error = %e, "config reload rejected, the previous config keeps serving");
-            return Err(ReloadError::Discovery(e));
+            return Err(ReloadError::Apply(e));
         }
         let old = std::mem::take(&mut cur.live);
         let (routing, live, retired) = match self.build(&new, old) {
@@ -208,7 +210,7 @@ impl Reloader {
                 cur.live = old;
                 self.gw.metrics.reload(false);
                 tracing::error!(error = %e, "config reload rejected, the previous config keeps serving");
-                return Err(ReloadError::Discovery(e));
+                return Err(ReloadError::Apply(e));
             }
         };
         self.gw.swap_routing(routing);
