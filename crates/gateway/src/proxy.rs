@@ -1,7 +1,8 @@
 //! The request path, as named phases read top to bottom (after pingora's
 //! `ProxyHttp`):
 //!
-//! 1. [`Gateway::request_filter`]: framing check, request id, body limit.
+//! 1. [`Gateway::request_filter`]: framing check, `Host` and request-target
+//!    checks (`check_target`), request id, body limit.
 //! 2. route lookup (longest prefix, method, host) — 404 when none.
 //! 3. `read_body`: buffer a small body so a retry can replay it.
 //! 4. [`upstream_request_filter`]: hop-by-hop removal, `x-forwarded-*`,
@@ -232,6 +233,48 @@ async fn read_body(
     }
 }
 
+/// Phase 1, the request line and `Host` (RFC 9112 §3.2): exactly one `Host`
+/// in HTTP/1.1; no `CONNECT` (the gateway is no tunnel); an absolute-form
+/// target only as `http(s)://` naming the same authority as `Host`, so routing
+/// by `Host` and the upstream's view of the target cannot disagree; and an
+/// ASCII target (raw bytes past 0x7f are not URI characters, and upstreams
+/// decode them differently). Returns why the request is refused.
+fn check_target(parts: &http::request::Parts) -> Option<&'static str> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Some("more than one Host header");
+    }
+    if host.is_none() && parts.version == http::Version::HTTP_11 {
+        return Some("an HTTP/1.1 request needs a Host header");
+    }
+    if parts.method == Method::CONNECT {
+        return Some("CONNECT is not supported: the gateway is not a tunnel");
+    }
+    let uri = &parts.uri;
+    // HTTP/2 always carries the authority and scheme (`:authority`, `:scheme`).
+    if let Some(authority) = uri
+        .authority()
+        .filter(|_| parts.version < http::Version::HTTP_2)
+    {
+        let web =
+            |s: &http::uri::Scheme| *s == http::uri::Scheme::HTTP || *s == http::uri::Scheme::HTTPS;
+        if !uri.scheme().is_some_and(web) {
+            return Some("an absolute-form target must use the http or https scheme");
+        }
+        if host.is_none_or(|h| {
+            !h.as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes())
+        }) {
+            return Some("the absolute-form target names another host than the Host header");
+        }
+    }
+    if !uri.path_and_query().is_none_or(|pq| pq.as_str().is_ascii()) {
+        return Some("the request target has bytes outside ASCII (percent-encode them)");
+    }
+    None
+}
+
 /// Phase 4: the request as the upstream will see it (headers and URI).
 fn upstream_request_filter(
     headers: &mut HeaderMap,
@@ -384,17 +427,21 @@ impl Gateway {
         res
     }
 
-    /// Phase 1: returns the request id, or an early answer.
+    /// Phase 1: returns the request id, or an early 400 with its reason.
     fn request_filter(
         &'static self,
-        headers: &HeaderMap,
+        parts: &http::request::Parts,
         conn: &ConnInfo,
-    ) -> (HeaderValue, Option<Problem>) {
+    ) -> (HeaderValue, Option<&'static str>) {
+        let headers = &parts.headers;
         let request_id = correlation::request_id(headers.get(&X_REQUEST_ID));
         if conn.framing_conflict.swap(false, Relaxed) {
-            return (request_id, Some(Problem::BadRequest));
+            return (
+                request_id,
+                Some("conflicting Content-Length and Transfer-Encoding"),
+            );
         }
-        (request_id, None)
+        (request_id, check_target(parts))
     }
 
     /// Serves one request. Never fails: every error is a problem+json response.
@@ -409,16 +456,11 @@ impl Gateway {
         if parts.version == Version::HTTP_2 {
             h2_host(&mut parts);
         }
-        let (request_id, early) = self.request_filter(&parts.headers, conn);
+        let (request_id, early) = self.request_filter(&parts, conn);
         let method = parts.method.clone();
-        if let Some(p) = early {
+        if let Some(detail) = early {
             let fin = self.finish(start, None, request_id, method, conn.tls);
-            return self.problem(
-                fin,
-                p,
-                "conflicting Content-Length and Transfer-Encoding",
-                None,
-            );
+            return self.problem(fin, Problem::BadRequest, detail, None);
         }
 
         // Phase 2: route. The Host header only narrows among configured routes.
