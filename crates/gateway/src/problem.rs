@@ -15,6 +15,8 @@ pub enum Problem {
     BadRequest,
     /// 404: no route matches.
     NoRoute,
+    /// 408: the client did not send its request body in time.
+    RequestTimeout,
     /// 413: the body exceeds the route's limit.
     PayloadTooLarge,
     /// 502: the upstream failed (connection refused or reset, bad response).
@@ -43,6 +45,7 @@ impl Problem {
         match self {
             Problem::BadRequest => StatusCode::BAD_REQUEST,
             Problem::NoRoute => StatusCode::NOT_FOUND,
+            Problem::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Problem::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Problem::BadGateway => StatusCode::BAD_GATEWAY,
             Problem::NoHealthyInstance | Problem::BreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
@@ -60,6 +63,7 @@ impl Problem {
         match self {
             Problem::BadRequest => "/problems/bad-request",
             Problem::NoRoute => "/problems/no-route",
+            Problem::RequestTimeout => "/problems/request-timeout",
             Problem::PayloadTooLarge => "/problems/payload-too-large",
             Problem::BadGateway => "/problems/bad-gateway",
             Problem::NoHealthyInstance => "/problems/no-healthy-instance",
@@ -78,6 +82,7 @@ impl Problem {
         match self {
             Problem::BadRequest => "Bad request",
             Problem::NoRoute => "No route",
+            Problem::RequestTimeout => "Request timeout",
             Problem::PayloadTooLarge => "Payload too large",
             Problem::BadGateway => "Bad gateway",
             Problem::NoHealthyInstance => "No healthy instance",
@@ -118,8 +123,9 @@ pub fn response(
     if let Some(secs) = retry_after {
         h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
     }
-    if problem == Problem::BadRequest {
-        // The framing is untrustworthy: the rest of the stream cannot be parsed.
+    if matches!(problem, Problem::BadRequest | Problem::RequestTimeout) {
+        // The framing is untrustworthy (or the body unfinished): the rest of
+        // the stream cannot be parsed.
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     res

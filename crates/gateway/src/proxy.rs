@@ -544,8 +544,9 @@ impl Gateway {
                 Problem::BadRequest,
                 "the request body could not be read".into(),
             )),
+            // The client was slow, not the upstream: 408, not 504.
             Err(BodyError::Timeout) => Err((
-                Problem::GatewayTimeout,
+                Problem::RequestTimeout,
                 "the request body did not arrive in time".into(),
             )),
         }
