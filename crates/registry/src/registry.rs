@@ -321,7 +321,9 @@ impl Registry {
             crate::store::redis::start(&registry).await?;
             return Ok(registry);
         }
-        Err(RegistryError::UnsupportedStore(store_url.to_owned()))
+        Err(RegistryError::UnsupportedStore(crate::store::redact_url(
+            store_url,
+        )))
     }
 
     /// An in-process registry (the `memory://` store). Must be called inside a Tokio runtime

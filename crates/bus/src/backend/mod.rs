@@ -22,8 +22,33 @@ pub(crate) enum Backend {
     PubSub(redis_pubsub::RedisPubSub),
 }
 
-/// Opens the backend named by the URL's scheme.
+/// Opens the backend named by the URL's scheme. An error names the URL
+/// without its userinfo (`redis://:PASSWORD@host` shows as `redis://***@host`).
 pub(crate) async fn open(url: &str) -> Result<Backend, BusError> {
+    open_inner(url).await.map_err(|e| match e {
+        BusError::InvalidUrl { url, reason } => BusError::InvalidUrl {
+            url: redact_url(&url),
+            reason,
+        },
+        other => other,
+    })
+}
+
+/// `url` with its userinfo (user and password) replaced by `***`, for error
+/// messages and logs. Hand-written because the `url` crate would reject the
+/// very URLs whose errors need it.
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{scheme}://***{}", &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
+async fn open_inner(url: &str) -> Result<Backend, BusError> {
     let invalid = |reason: &str| BusError::InvalidUrl {
         url: url.to_owned(),
         reason: reason.to_owned(),
@@ -205,6 +230,36 @@ mod tests {
         }
         for bad in ["", "a..b", ".a", "a.", "a b", "a*", "a>b", "ü"] {
             assert!(validate_name("topic", bad).is_err(), "{bad}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact_url;
+    use crate::{Bus, BusError};
+
+    #[test]
+    fn userinfo_is_hidden() {
+        assert_eq!(
+            redact_url("redis://:hunter2@127.0.0.1:6379/0?block=5ms"),
+            "redis://***@127.0.0.1:6379/0?block=5ms"
+        );
+        assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
+        assert_eq!(redact_url("no scheme"), "no scheme");
+    }
+
+    #[tokio::test]
+    async fn open_errors_never_show_a_password() {
+        for url in [
+            "redis://:pw-secret-1@127.0.0.1:6379?retention=forever",
+            "bogus://user:pw-secret-1@host",
+            "redis+pubsub://user:pw-secret-1@[::1",
+        ] {
+            let err = Bus::open(url).await.expect_err(url);
+            assert!(matches!(err, BusError::InvalidUrl { .. }), "{err}");
+            assert!(!err.to_string().contains("pw-secret-1"), "{err}");
+            assert!(!format!("{err:?}").contains("pw-secret-1"), "{err:?}");
         }
     }
 }

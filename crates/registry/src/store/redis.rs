@@ -119,8 +119,10 @@ fn status_value(generation: u64, status: Status, last_check: Option<SystemTime>)
 
 impl RedisStore {
     pub(crate) async fn connect(url: &str, opts: &RegistryOptions) -> Result<Self, RegistryError> {
+        // Errors name the store without its password.
+        let shown = super::redact_url(url);
         let client = redis::Client::open(url)
-            .map_err(|e| RegistryError::UnsupportedStore(format!("{url}: {e}")))?;
+            .map_err(|e| RegistryError::UnsupportedStore(format!("{shown}: {e}")))?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(Some(OP_TIMEOUT))
@@ -131,8 +133,8 @@ impl RedisStore {
             client.get_connection_manager_with_config(config),
         )
         .await
-        .map_err(|_| RegistryError::Store(format!("{url}: connect timed out")))?
-        .map_err(|e| RegistryError::Store(format!("{url}: {e}")))?;
+        .map_err(|_| RegistryError::Store(format!("{shown}: connect timed out")))?
+        .map_err(|e| RegistryError::Store(format!("{shown}: {e}")))?;
         let node = format!(
             "{}-{}",
             std::process::id(),
