@@ -21,7 +21,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_TARGET=${1:-60}
 shift || true
-ALL_TARGETS=(gateway_config cloudevent_decode plain_envelope_decode registry_body resilience_config)
+ALL_TARGETS=(gateway_config cloudevent_decode plain_envelope_decode registry_body resilience_config gateway_request)
 TARGETS=("${@:-${ALL_TARGETS[@]}}")
 [ ${#TARGETS[@]} -eq 0 ] && TARGETS=("${ALL_TARGETS[@]}")
 SANITIZER=${FUZZ_SANITIZER:-none}
