@@ -6,7 +6,9 @@
 //! milliseconds). The log thread turns records into `tracing` events under its
 //! own dispatcher, which by default writes JSON lines to stdout through a
 //! buffer flushed once per batch, so logging costs one `write` per batch, not
-//! one per request.
+//! one per request. After formatting, the log thread moves each batch into
+//! an [`AccessRing`] of recent records for the dashboard's search and
+//! per-instance latency.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -43,6 +45,75 @@ pub struct AccessRecord {
     pub complete: bool,
 }
 
+/// How many recent access records [`AccessRing`] keeps for the dashboard's search.
+pub const RING_CAPACITY: usize = 4096;
+
+/// One request as the dashboard sees it: a record with the time it was logged.
+#[derive(Debug)]
+pub struct RecentAccess {
+    /// When the log thread took it, in milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// The record.
+    pub record: AccessRecord,
+}
+
+/// The latest access records and per-instance latency sums, filled by the log
+/// thread (after formatting, so the request path pays nothing for it) and
+/// read by the dashboard's sampler and search.
+#[derive(Debug, Default)]
+pub struct AccessRing {
+    inner: Mutex<RingInner>,
+}
+
+#[derive(Debug, Default)]
+struct RingInner {
+    recent: std::collections::VecDeque<RecentAccess>,
+    /// Since the last [`AccessRing::take_latency`]: (requests, summed µs) per instance.
+    latency: std::collections::HashMap<SocketAddr, (u64, u64)>,
+}
+
+impl AccessRing {
+    /// Moves a logged batch in, dropping the oldest beyond [`RING_CAPACITY`].
+    pub fn push(&self, batch: Vec<AccessRecord>) {
+        let time_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        for record in batch {
+            if let Some(addr) = record.instance {
+                let e = inner.latency.entry(addr).or_default();
+                e.0 += 1;
+                e.1 += u64::try_from(record.duration.as_micros()).unwrap_or(u64::MAX);
+            }
+            if inner.recent.len() >= RING_CAPACITY {
+                inner.recent.pop_front();
+            }
+            inner.recent.push_back(RecentAccess { time_ms, record });
+        }
+    }
+
+    /// Per-instance (requests, summed µs) since the previous call.
+    pub fn take_latency(&self) -> std::collections::HashMap<SocketAddr, (u64, u64)> {
+        self.inner
+            .lock()
+            .map(|mut i| std::mem::take(&mut i.latency))
+            .unwrap_or_default()
+    }
+
+    /// Applies `f` to the records, newest first, until it returns false.
+    pub fn scan(&self, mut f: impl FnMut(&RecentAccess) -> bool) {
+        if let Ok(inner) = self.inner.lock() {
+            for r in inner.recent.iter().rev() {
+                if !f(r) {
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// Handle to the log thread; cheap to clone into request state.
 ///
 /// Records are batched per worker thread (64 at a time, or whatever is left
@@ -51,6 +122,7 @@ pub struct AccessRecord {
 #[derive(Debug, Clone)]
 pub struct AccessLog {
     tx: Option<mpsc::Sender<Vec<AccessRecord>>>,
+    ring: Arc<AccessRing>,
 }
 
 const BATCH: usize = 64;
@@ -239,7 +311,15 @@ impl tracing::Subscriber for JsonLines {
 impl AccessLog {
     /// Logging switched off: records are dropped at once.
     pub fn disabled() -> Self {
-        Self { tx: None }
+        Self {
+            tx: None,
+            ring: Arc::default(),
+        }
+    }
+
+    /// The recent records (empty while logging is off).
+    pub fn ring(&self) -> &Arc<AccessRing> {
+        &self.ring
     }
 
     /// Starts the log thread. `dispatch` receives the events; `None` writes
@@ -253,10 +333,12 @@ impl AccessLog {
                 (Dispatch::new(Arc::clone(&lines)), Some(lines))
             }
         };
+        let ring = Arc::new(AccessRing::default());
+        let tap = Arc::clone(&ring);
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || run(&rx, &dispatch, buffer.as_ref()))?;
-        Ok(Self { tx: Some(tx) })
+            .spawn(move || run(&rx, &dispatch, buffer.as_ref(), &tap))?;
+        Ok(Self { tx: Some(tx), ring })
     }
 
     /// Queues one record; never blocks.
@@ -295,6 +377,7 @@ fn run(
     rx: &mpsc::Receiver<Vec<AccessRecord>>,
     dispatch: &Dispatch,
     buffer: Option<&Arc<JsonLines>>,
+    ring: &AccessRing,
 ) {
     loop {
         let mut wrote = false;
@@ -306,6 +389,7 @@ fn run(
                         for rec in &batch {
                             emit(rec);
                         }
+                        ring.push(batch);
                         wrote = true;
                     }
                     Err(mpsc::TryRecvError::Empty) => break,

@@ -1,6 +1,7 @@
 //! The admin listener: health, readiness, Prometheus metrics, the route and
 //! breaker tables, the OpenAPI document, and whatever extra router the
-//! embedding application merges in (the registry API).
+//! embedding application merges in (the registry API). The dashboard's routes
+//! (`/dashboard`, `/v1/stream`, `/v1/search`) live in [`crate::dashboard`].
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -251,6 +252,9 @@ pub fn openapi_paths() -> Value {
         "/v1/breakers": {"get": {"summary": "Circuit breaker per route and instance", "responses": {"200": arr("breakers")}}},
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": obj("OpenAPI 3.1 document")}}},
         "/v1/reload": {"post": {"summary": "Re-read the config file and swap routes, services and policies (bearer token when an admin token is set)", "responses": {"200": obj("reloaded: {status, routes}"), "401": obj("missing or wrong token"), "409": obj("not started from a file"), "422": obj("invalid config; the old one keeps serving")}}},
+        "/dashboard": {"get": {"summary": "The live dashboard page (self-contained HTML)", "responses": {"200": {"description": "HTML page", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+        "/v1/stream": {"get": {"summary": "Dashboard frames as Server-Sent Events, one per second (bearer token when configured)", "responses": {"200": {"description": "an `event: history` then `event: sample` frames", "content": {"text/event-stream": {"schema": {"type": "string"}}}}, "401": obj("token missing or wrong")}}},
+        "/v1/search": {"get": {"summary": "Find a request id or correlation id in the recent access log and events", "parameters": [{"name": "q", "in": "query", "required": true, "schema": {"type": "string", "maxLength": 128}}], "responses": {"200": obj("matching requests and events"), "400": obj("bad query"), "401": obj("token missing or wrong")}}},
     })
 }
 

@@ -36,6 +36,7 @@
 //! - [`policy`]: the edge-policy phase (one branch for routes without policies), over
 //!   [`versioning`], [`ratelimit`], [`idempotency`], [`cors`]; [`edge_redis`] is their Redis handle.
 //! - [`allowlist`]: the networks upstreams may be in; [`admin_auth`]: bearer token on admin writes.
+//! - [`dashboard`]: the live page `/dashboard` and its SSE stream `/v1/stream` on the admin listener.
 //!
 //! # Configuration defaults
 //!
@@ -110,6 +111,7 @@ pub mod breaker;
 pub mod config;
 pub mod correlation;
 pub mod cors;
+pub mod dashboard;
 pub mod discovery;
 pub mod edge_redis;
 pub mod h2c;
@@ -163,6 +165,7 @@ pub struct GatewayBuilder {
     openapi_extra: serde_json::Value,
     passive: Option<proxy::PassiveHealth>,
     extra_metrics: Option<admin::ExtraMetrics>,
+    dashboard: dashboard::Sources,
 }
 
 impl std::fmt::Debug for GatewayBuilder {
@@ -186,6 +189,7 @@ impl GatewayBuilder {
             openapi_extra: serde_json::Value::Null,
             passive: None,
             extra_metrics: None,
+            dashboard: dashboard::Sources::default(),
         }
     }
 
@@ -236,6 +240,20 @@ impl GatewayBuilder {
         self
     }
 
+    /// Shows `bus` on the dashboard (events per topic, groups, lag, the latest
+    /// events) and turns its statistics tap on.
+    pub fn dashboard_bus(mut self, bus: switchboard_bus::Bus) -> Self {
+        self.dashboard.bus = Some(bus);
+        self
+    }
+
+    /// Shows the registry's view of every service on the dashboard (versions,
+    /// last checks, services no route uses).
+    pub fn dashboard_registry(mut self, registry: switchboard_registry::Registry) -> Self {
+        self.dashboard.registry = Some(registry);
+        self
+    }
+
     /// Binds the listeners and starts serving. Discovery followers and the
     /// admin server run on the calling tokio runtime; the proxy has its own
     /// worker threads.
@@ -266,6 +284,7 @@ impl GatewayBuilder {
             passive: self.passive,
             tls: cfg.gateway.tls.as_ref().map(tls::acceptor).transpose()?,
             upgrades: tokio_util::task::TaskTracker::new(),
+            transitions: dashboard::Transitions::default(),
         }));
         let discovery = self
             .discovery
@@ -294,6 +313,12 @@ impl GatewayBuilder {
         if let Some(extra) = self.admin_extra {
             app = app.merge(extra);
         }
+        let mut sources = self.dashboard;
+        sources.store = Some(cfg.registry.store.clone());
+        sources.token = cfg.admin_token.clone();
+        let dashboard = dashboard::Dashboard::new(gw, sources);
+        app = app.merge(dashboard.router());
+        let sampler = dashboard.spawn_sampler(shutdown_rx.clone());
         app = admin_auth::protect_writes(app, cfg.admin_token.clone());
         let admin_listener = tokio::net::TcpListener::bind(cfg.gateway.admin).await?;
         let admin_addr = admin_listener.local_addr()?;
@@ -320,6 +345,8 @@ impl GatewayBuilder {
             shutdown: shutdown_tx,
             threads,
             admin_task,
+            sampler,
+            dashboard,
             _coarse_clock: coarse_clock,
         })
     }
@@ -336,6 +363,8 @@ pub struct RunningGateway {
     shutdown: watch::Sender<bool>,
     threads: Vec<std::thread::JoinHandle<()>>,
     admin_task: tokio::task::JoinHandle<()>,
+    sampler: tokio::task::JoinHandle<()>,
+    dashboard: dashboard::Dashboard,
     _coarse_clock: Option<switchboard_resilience::clock::CoarseClock>,
 }
 
@@ -372,6 +401,11 @@ impl RunningGateway {
         );
     }
 
+    /// The dashboard (its sampler runs once a second).
+    pub fn dashboard(&self) -> &dashboard::Dashboard {
+        &self.dashboard
+    }
+
     /// Stops accepting, lets in-flight requests finish (up to the drain
     /// deadline), and returns once every worker has stopped.
     pub async fn shutdown(self) {
@@ -385,6 +419,7 @@ impl RunningGateway {
         })
         .await;
         let _ = self.admin_task.await;
+        let _ = self.sampler.await;
     }
 }
 
@@ -451,6 +486,7 @@ pub async fn start(config: Config) -> Result<WithRegistry, RunError> {
         .discovery(Arc::new(discovery::RegistryDiscovery::new(
             registry.clone(),
         )))
+        .dashboard_registry(registry.clone())
         .admin_extra(
             reg_http::router(registry.clone(), opts),
             reg_http::openapi(),

@@ -79,6 +79,17 @@ pub struct RouteLabels {
     pub service: String,
 }
 
+/// One route's request counters at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouteTotals {
+    /// Requests by status class, 1xx..5xx.
+    pub status: [u64; 5],
+    /// Requests per latency bucket of [`BUCKETS`] (not cumulative).
+    pub buckets: [u64; 14],
+    /// Requests measured.
+    pub count: u64,
+}
+
 /// One route's counters, sharded per worker thread.
 ///
 /// A series lives as long as the process (see [`Metrics::series`]): requests
@@ -112,6 +123,19 @@ impl RouteSeries {
 
     fn sum(&self, f: impl Fn(&RouteShard) -> &AtomicU64) -> u64 {
         self.shards.iter().map(|s| f(s).load(Relaxed)).sum()
+    }
+
+    /// The counters summed over the shards (read by the dashboard's sampler).
+    pub fn totals(&self) -> RouteTotals {
+        let mut t = RouteTotals::default();
+        for (c, v) in t.status.iter_mut().enumerate() {
+            *v = self.sum(|s| &s.status[c]);
+        }
+        for (b, v) in t.buckets.iter_mut().enumerate() {
+            *v = self.sum(|s| &s.buckets[b]);
+        }
+        t.count = self.sum(|s| &s.count);
+        t
     }
 }
 

@@ -86,6 +86,8 @@ pub struct Gateway {
     /// Upgraded (WebSocket) connections being spliced; shutdown waits for
     /// them up to the drain deadline.
     pub(crate) upgrades: tokio_util::task::TaskTracker,
+    /// Breaker transitions, for the dashboard (rare: a lock is fine).
+    pub(crate) transitions: crate::dashboard::Transitions,
 }
 
 impl std::fmt::Debug for Gateway {

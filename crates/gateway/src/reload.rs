@@ -315,9 +315,12 @@ impl Reloader {
     /// before this returns).
     fn follow(&self, r: &RouteConfig, state: &RouteState) -> Option<AbortHandle> {
         let service = r.service.clone();
+        let route = r.prefix.clone();
+        let gw = self.gw;
         let listener = self.on_breaker.clone();
         let on_change: OnChange = Arc::new(move |ev: BreakerEvent| {
             tracing::info!(service = %service, instance = %ev.instance, address = %ev.addr, state = ev.state.as_str(), "breaker state changed");
+            gw.transitions.record(&route, &service, &ev);
             if let Some(l) = &listener {
                 l(&service, ev);
             }
