@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use anyhow::Context as _;
 use switchboard_shop::{DemoHandle, DemoOptions};
 
-/// `switchboard demo [--bus URL] [--store URL] [--only SERVICE]`.
+/// `switchboard demo [--bus URL] [--store URL] [--only SERVICE] [--listen ADDR] [--admin ADDR]`.
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
     /// Event bus: memory://, redis://HOST:PORT, nats://HOST:PORT.
@@ -18,6 +18,12 @@ pub struct DemoArgs {
     /// no gateway), or gateway; against a shared --store and --bus (redis://...).
     #[arg(long, value_name = "SERVICE")]
     only: Option<String>,
+    /// Gateway listener (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:3000")]
+    listen: std::net::SocketAddr,
+    /// Admin listener: registry API, metrics and the dashboard (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9900")]
+    admin: std::net::SocketAddr,
 }
 
 /// Runs the demo until Ctrl-C.
@@ -31,6 +37,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             bus: args.bus,
             store: args.store,
             only: args.only,
+            listen: args.listen,
+            admin: args.admin,
             ..DemoOptions::default()
         };
         let shop = switchboard_shop::run(options.clone()).await?;
@@ -59,6 +67,7 @@ fn walkthrough(shop: &DemoHandle, options: &DemoOptions) -> String {
             out,
             "  gateway   http://{gw}   (admin, registry API, metrics: http://{admin})"
         );
+        let _ = writeln!(out, "  dashboard http://{admin}/dashboard");
     }
     let _ = writeln!(out, "  bus       {}", options.bus);
     let _ = writeln!(out, "  registry  {}", options.store);
@@ -106,8 +115,9 @@ Walkthrough (in another terminal; every command works as printed):
    curl -s {gw}/inventory/widget
    -> {{"available":998,"reserved":2}}: the 5 widgets were reserved, then given back (compensation).
 
-5. Watch the gateway's breaker open: after enough 500s it answers 503 at once,
-   without calling payments, until it half-opens 10 s later:
+5. Watch the gateway's breaker open (live on {admin}/dashboard: the payments
+   breakers turn red, then amber when they half-open, then green): after enough
+   500s it answers 503 at once, without calling payments, until it half-opens 10 s later:
    for i in $(seq 30); do curl -s -o /dev/null -w '%{{http_code}} ' {gw}/payments/$ORDER_ID; done; echo
    -> 20 x 500 (10 calls per instance fill each breaker's window), then 503 (problem+json, Retry-After).
    curl -s {admin}/v1/breakers

@@ -60,7 +60,8 @@ pub struct DemoOptions {
     pub stock: u64,
     /// Gateway worker threads (0: one per core).
     pub gateway_workers: usize,
-    /// Gateway access log (one JSON line per request on stdout).
+    /// Gateway access log (one JSON line per request on stdout). Off, the
+    /// records still feed the dashboard's search, but are not printed.
     pub access_log: bool,
     /// TTL of the services' registrations.
     pub ttl: Duration,
@@ -314,9 +315,16 @@ impl DemoHandle {
             self.registry.clone(),
             switchboard_registry::http::HttpOptions::default(),
         );
-        let gateway = GatewayBuilder::new(config)
+        let mut builder = GatewayBuilder::new(config)
             .sources(sources)
             .admin_extra(registry_api, switchboard_registry::http::openapi())
+            .dashboard_bus(self.bus.clone())
+            .dashboard_registry(self.registry.clone());
+        if !o.access_log {
+            // Keep the records for the dashboard's search; print nothing.
+            builder = builder.access_log_dispatch(tracing::Dispatch::none());
+        }
+        let gateway = builder
             .start()
             .await
             .with_context(|| format!("start the gateway on {} (admin {})", o.listen, o.admin))?;
@@ -344,7 +352,7 @@ pub fn gateway_config(o: &DemoOptions) -> String {
 listen = "{listen}"
 admin = "{admin}"
 workers = {workers}
-access_log = {access_log}
+access_log = true
 
 [registry]
 store = "{store}"
@@ -396,7 +404,6 @@ breaker = {{ failure_rate = 0.5, min_calls = 10, window = "10s", open_for = "10s
         listen = o.listen,
         admin = o.admin,
         workers = o.gateway_workers,
-        access_log = o.access_log,
         store = o.store,
         users = users::SERVICE,
         orders = orders::SERVICE,
