@@ -80,31 +80,29 @@ fn problem(status: StatusCode, title: &str, detail: &str) -> Response {
     res
 }
 
-/// `Err` with a 401 unless the request carries the token (when one is set).
-fn authorize(d: &Dashboard, headers: &HeaderMap) -> Result<(), Response> {
-    let Some(token) = &d.inner.sources.token else {
-        return Ok(());
-    };
+/// A 401 unless the request carries the token (when one is set).
+fn refuse(d: &Dashboard, headers: &HeaderMap) -> Option<Response> {
+    let token = d.inner.sources.token.as_ref()?;
     let given = headers.get(header::AUTHORIZATION);
     if crate::admin_auth::bearer_matches(given, token) {
-        return Ok(());
+        return None;
     }
-    match given {
-        Some(_) => Err(problem(
+    Some(match given {
+        Some(_) => problem(
             StatusCode::UNAUTHORIZED,
             "Unauthorized",
             "the bearer token in the Authorization header is not the admin token",
-        )),
-        None => Err(problem(
+        ),
+        None => problem(
             StatusCode::UNAUTHORIZED,
             "Unauthorized",
             "this admin listener has a token: send Authorization: Bearer TOKEN",
-        )),
-    }
+        ),
+    })
 }
 
 async fn sse(State(d): State<Dashboard>, headers: HeaderMap) -> Response {
-    if let Err(res) = authorize(&d, &headers) {
+    if let Some(res) = refuse(&d, &headers) {
         return res;
     }
     let (history, latest, rx) = d.subscribe();
@@ -183,7 +181,7 @@ async fn search(
     headers: HeaderMap,
     Query(p): Query<SearchParams>,
 ) -> Response {
-    if let Err(res) = authorize(&d, &headers) {
+    if let Some(res) = refuse(&d, &headers) {
         return res;
     }
     let q = match parse_query(p.q.as_deref()) {
