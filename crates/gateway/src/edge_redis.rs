@@ -51,10 +51,12 @@ pub struct RedisUnavailable {
 
 impl RedisHandle {
     /// A handle for `url` (`redis://HOST:PORT[/DB]`); only the URL is checked here.
+    /// Errors and logs name the URL without its password.
     pub fn new(url: &str) -> Result<Self, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("`{url}`: {e}"))?;
+        let shown = switchboard_registry::redact_url(url);
+        let client = redis::Client::open(url).map_err(|e| format!("`{shown}`: {e}"))?;
         Ok(Self {
-            url: url.to_owned(),
+            url: shown,
             client,
             conn: tokio::sync::OnceCell::new(),
             epoch: Instant::now(),
@@ -62,7 +64,7 @@ impl RedisHandle {
         })
     }
 
-    /// The URL.
+    /// The URL, without its password.
     pub fn url(&self) -> &str {
         &self.url
     }

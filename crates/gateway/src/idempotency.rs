@@ -116,13 +116,14 @@ pub fn check_store_url(s: &str) -> Result<(), String> {
     if s == "memory://" {
         return Ok(());
     }
+    let shown = switchboard_registry::redact_url(s);
     if s.starts_with("redis://") {
         return redis::Client::open(s)
             .map(|_| ())
-            .map_err(|e| format!("`{s}`: {e}"));
+            .map_err(|e| format!("`{shown}`: {e}"));
     }
     Err(format!(
-        "unsupported store `{s}` (use memory:// or redis://HOST:PORT)"
+        "unsupported store `{shown}` (use memory:// or redis://HOST:PORT)"
     ))
 }
 
@@ -725,6 +726,23 @@ mod tests {
         assert_eq!(parse_key(b""), None);
         assert_eq!(parse_key(&[b'a'; 256]), None);
         assert_eq!(parse_key(b"\"a\"b\""), None);
+    }
+
+    #[test]
+    fn store_errors_hide_the_password() {
+        for url in [
+            "nats://:hunter2@h:1",
+            "redis://:hunter2@h:notaport",
+            "redis://u:hunter2@",
+        ] {
+            let e = check_store_url(url).unwrap_err();
+            assert!(!e.contains("hunter2"), "{e}");
+            assert!(e.contains("***"), "{e}");
+        }
+        let e = RedisHandle::new("redis://:hunter2@h:notaport").unwrap_err();
+        assert!(!e.contains("hunter2"), "{e}");
+        let h = RedisHandle::new("redis://:hunter2@127.0.0.1:1").unwrap();
+        assert_eq!(h.url(), "redis://***@127.0.0.1:1");
     }
 
     fn cfg(max_keys: usize, max_store_bytes: usize) -> IdempotencyConfig {

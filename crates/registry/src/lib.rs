@@ -107,6 +107,7 @@ pub use model::{
 };
 pub use probe::{NetProber, Probe, ProbeTarget, Prober};
 pub use registry::{Registry, RegistryError, RegistryOptions};
+pub use store::redact_url;
 pub use validate::{NetworkPolicy, ValidationError};
 pub use watch::ServiceWatch;
 

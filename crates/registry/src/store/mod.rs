@@ -7,7 +7,7 @@ pub(crate) mod redis;
 /// `url` with its userinfo (user and password) replaced by `***`.
 /// Hand-written because the `url` crate would reject the very URLs whose
 /// errors need it.
-pub(crate) fn redact_url(url: &str) -> String {
+pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
