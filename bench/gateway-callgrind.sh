@@ -3,6 +3,7 @@
 # that does not move with the machine's load (unlike req/s or CPU time).
 #
 #   bench/gateway-callgrind.sh [BINARY]     # default: the release build
+#   EDGE=1 bench/gateway-callgrind.sh       # route with rate limit + idempotency
 #
 # Starts the benchmark's nginx backend (bench/peers/nginx-backend.conf) and
 # `BINARY gateway` (bench/peers/switchboard.toml: every feature on) on ports
@@ -20,6 +21,9 @@ export PATH="$PATH:/usr/sbin"
 mkdir -p "$RUN/logs"
 sed 's/18080/28080/; s/^pid .*/pid backend.pid;/' bench/peers/nginx-backend.conf >"$RUN/backend.conf"
 sed 's/18083/28083/; s/19983/29983/; s/18080/28080/' bench/peers/switchboard.toml >"$RUN/sb.toml"
+# EDGE=1: the route also has a rate limit (never triggered) and idempotency (issue 6).
+[ -n "${EDGE:-}" ] && printf '%s\n' 'rate_limit = { rate = 100000000, per = "1s", key = "ip" }' \
+  'idempotency = { ttl = "1m" }' >>"$RUN/sb.toml"
 nginx -p "$RUN" -c "$RUN/backend.conf" -e "$RUN/backend-error.log"
 vg=""
 cleanup() {
