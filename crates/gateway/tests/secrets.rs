@@ -1,5 +1,6 @@
-//! Security (issue 8): registry writes on the admin listener need the bearer
-//! token, and no secret — the token, a store password — ever shows up in
+//! Security (issue 8): registry and admin writes on the admin listener need
+//! the bearer token, instances outside the upstream allow-list are refused,
+//! and no secret — the token, a store password — ever shows up in
 //! logs (every `tracing` event at TRACE, captured process-wide), in error
 //! messages or in `/metrics`.
 //!
@@ -120,6 +121,15 @@ async fn writes_need_the_token_and_no_secret_leaks() {
             .unwrap();
         assert_eq!(res.status(), 401, "DELETE with {label}");
     }
+    // Admin writes (a reload) need the token too.
+    for auth in [None, Some("Bearer nope")] {
+        let mut r = client.post(url("/v1/reload"));
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        let res = r.send().await.unwrap();
+        assert_eq!(res.status(), 401, "POST /v1/reload with {auth:?}");
+    }
     // Reads stay open; nothing was written.
     let view: serde_json::Value = client
         .get(url("/v1/services/s"))
@@ -147,6 +157,27 @@ async fn writes_need_the_token_and_no_secret_leaks() {
         .await
         .unwrap();
     assert_eq!(res.status(), 204);
+    // Even with the token, an instance outside the upstream allow-list (the
+    // cloud metadata address, a public address) is refused.
+    for address in ["169.254.169.254", "8.8.8.8"] {
+        let res = client
+            .put(url("/v1/services/s/instances/evil"))
+            .header("authorization", &bearer)
+            .json(&json!({"address": address, "port": 80}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 400, "{address} registered");
+    }
+    let view: serde_json::Value = client
+        .get(url("/v1/services/s"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["instances"].as_array().unwrap().len(), 1, "{view}");
 
     // Proxied requests carrying credentials: the upstream gets the end-to-end
     // Authorization, never the hop-by-hop Proxy-Authorization.
