@@ -690,5 +690,26 @@ mod tests {
             let e = b.build().unwrap();
             prop_assert_eq!(decode(&encode(&e)).unwrap(), e);
         }
+
+        /// String attributes with quotes, backslashes, control characters
+        /// and non-ASCII text take the escaped path and still round-trip.
+        #[test]
+        fn strings_needing_escapes_round_trip(subject in "\\PC{1,20}", id in "[\"\\\\a-z\u{1}\u{e9}]{1,12}") {
+            let e = Event::builder().id(id).source("/p").ty("t").subject(subject).build().unwrap();
+            prop_assert_eq!(decode(&encode(&e)).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn escaped_member_names_are_read_and_deduplicated() {
+        let e =
+            decode(br#"{"specversion":"1.0","\u0069d":"a\"b","source":"/s","type":"t"}"#).unwrap();
+        assert_eq!(e.id(), "a\"b");
+        let dup =
+            decode(br#"{"specversion":"1.0","id":"a","\u0069d":"b","source":"/s","type":"t"}"#);
+        assert!(
+            matches!(&dup, Err(DecodeError::Duplicate { attribute, .. }) if attribute == "id"),
+            "{dup:?}"
+        );
     }
 }

@@ -124,3 +124,47 @@ async fn buses_with_one_name_share_topics() {
     assert!(Bus::open("memory://x?bogus=1").await.is_err());
     assert!(Bus::open("carrier-pigeon://x").await.is_err());
 }
+
+/// A handler that panics before it returns its future (in the closure body)
+/// is treated like one that panics inside it: redelivered, then dead-lettered
+/// with the panic message; the subscription keeps running.
+#[tokio::test(start_paused = true)]
+async fn a_handler_panicking_before_its_future_is_dead_lettered() {
+    let bus = Bus::open(&format!("memory://{}", common::unique("panic")))
+        .await
+        .unwrap();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let c = std::sync::Arc::clone(&calls);
+    let handler = move |e: Event| {
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(e.id() != "poison", "boom");
+        std::future::ready(Ok::<_, HandlerError>(()))
+    };
+    let opts = SubscribeOptions::default()
+        .backoff(RetryBackoff::constant(Duration::from_millis(10)))
+        .max_deliveries(2);
+    let sub = bus.subscribe("p", "g", handler, opts).await.unwrap();
+    let (dh, mut letters) = common::recorder();
+    let dsub = bus
+        .subscribe("deadletter", "inspect", dh, SubscribeOptions::default())
+        .await
+        .unwrap();
+    let poison = Event::builder()
+        .source("/s")
+        .ty("p")
+        .id("poison")
+        .build()
+        .unwrap();
+    bus.publish(poison).await.unwrap();
+    bus.publish(common::event("p", 1)).await.unwrap();
+    let letter = letters.recv().await.unwrap();
+    let d = switchboard_bus::deadletter::DeadLetter::from_event(&letter).unwrap();
+    assert_eq!(d.attempts, 2);
+    assert!(d.error.contains("handler panicked: boom"), "{}", d.error);
+    // Two runs of the poison event, one of the good one.
+    while calls.load(std::sync::atomic::Ordering::Relaxed) < 3 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    sub.shutdown().await;
+    dsub.shutdown().await;
+}

@@ -823,6 +823,42 @@ mod tests {
         assert!(parse_url("redis://h:1?retention=forever").is_err());
     }
 
+    proptest::proptest! {
+        /// Stream ids survive the trip to numbers and back into a command
+        /// argument; arbitrary bytes never panic the parser.
+        #[test]
+        fn stream_ids_round_trip(ms in proptest::prelude::any::<u64>(), seq in proptest::prelude::any::<u64>(),
+                                 junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..48)) {
+            let id = StreamId { ms, seq };
+            let text = format!("{ms}-{seq}");
+            proptest::prop_assert_eq!(StreamId::parse(text.as_bytes()), Some(id));
+            proptest::prop_assert_eq!(id.to_string(), text.clone());
+            let args = redis::ToRedisArgs::to_redis_args(&id);
+            proptest::prop_assert_eq!(args, vec![text.into_bytes()]);
+            let _ = StreamId::parse(&junk);
+        }
+    }
+
+    #[test]
+    fn stream_id_parse_rejects_garbage() {
+        assert_eq!(StreamId::parse(b"5"), Some(StreamId { ms: 5, seq: 0 }));
+        for bad in [
+            &b""[..],
+            b"-",
+            b"1-",
+            b"x-1",
+            b"1-2-3",
+            b"18446744073709551616-0",
+        ] {
+            assert_eq!(
+                StreamId::parse(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
     #[test]
     fn entries_without_our_field_are_malformed() {
         let v = Value::Array(vec![Value::Array(vec![
