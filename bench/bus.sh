@@ -3,6 +3,7 @@
 #
 #   bench/bus.sh [RUNS]                  # default 3 runs per backend
 #   BACKENDS="memory redis" EVENTS=200000 bench/bus.sh 5
+#   BIN=/tmp/switchboard-before bench/bus.sh    # a binary built earlier
 #
 # Each Redis run starts with the ceiling the same redis-server gives for bare
 # pipelined XADD of the same payload (`redis-benchmark -P 64`), measured in the
@@ -23,10 +24,15 @@ EVENTS=${EVENTS:-}
 RATE=${RATE:-50000}
 LATENCY_EVENTS=${LATENCY_EVENTS:-50000}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
-cargo build --release -q -p switchboard
-BIN="$CARGO_TARGET_DIR/release/switchboard"
+# BIN=path/to/switchboard measures a binary built earlier (e.g. the one before a change).
+if [ -z "${BIN:-}" ]; then
+  cargo build --release -q -p switchboard
+  BIN="$CARGO_TARGET_DIR/release/switchboard"
+fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# utime+stime of a process in seconds (for redis-server's CPU per event).
+cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{print ($14+$15)/hz}' "/proc/$1/stat"; }
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 field() { sed -E "s/.*\"$1\":([0-9.e+-]+).*/\1/"; }
 
@@ -40,6 +46,7 @@ if [[ " $BACKENDS " == *" redis "* ]]; then
   RPORT=$(free_port)
   redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize no >/dev/null &
   PIDS+=($!)
+  RPID=$!
   for _ in $(seq 50); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 
@@ -63,9 +70,18 @@ for backend in $BACKENDS; do
       echo "run $i: redis-benchmark pipelined XADD ceiling: $ceiling/s"
       echo "$ceiling" >>/tmp/sb-bus-ceiling
     fi
+    if [ "$backend" = redis ]; then
+      redis-cli -p "$RPORT" config resetstat >/dev/null
+      server_before=$(cpu_of "$RPID")
+    fi
     out=$(flock /tmp/switchboard-bench.lock "$BIN" bench bus --bus "$url" --events "$n" --payload "$PAYLOAD" \
       --rate "$RATE" --latency-events "$LATENCY_EVENTS" --json | tail -1)
     echo "run $i: $out  (load: $(cut -d' ' -f1-3 /proc/loadavg))"
+    if [ "$backend" = redis ]; then
+      total=$((n + LATENCY_EVENTS))
+      echo "run $i: redis-server CPU $(awk -v a="$server_before" -v b="$(cpu_of "$RPID")" -v n="$total" 'BEGIN {printf "%.2f s, %.2f us per event", b-a, (b-a)*1e6/n}') (both phases); command time per event (INFO commandstats):" \
+        "$(redis-cli -p "$RPORT" info commandstats | tr -d '\r' | awk -F'[:,=]' -v n="$total" '/^cmdstat_x(add|readgroup|ack)/ {printf "%s %.2f us  ", substr($1, 9), $5/n}')"
+    fi
     echo "$out" | field events_per_s >>/tmp/sb-bus-eps
     echo "$out" | field publish_p99_ms >>/tmp/sb-bus-p99
     echo "$out" | field cpu_s >>/tmp/sb-bus-cpu

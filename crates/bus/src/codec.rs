@@ -318,7 +318,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             });
         }
     }
-    validate(&e).map_err(|err| DecodeError::from_build(CE, err))?;
+    validate(&e, true).map_err(|err| DecodeError::from_build(CE, err))?;
     Ok(Event::from_inner(e))
 }
 
@@ -451,7 +451,7 @@ pub fn decode_plain(bytes: &[u8]) -> Result<Event, DecodeError> {
             reason: format!("{t:?} is not an RFC 3339 timestamp"),
         });
     }
-    validate(&e).map_err(|err| DecodeError::from_build(PLAIN, err))?;
+    validate(&e, true).map_err(|err| DecodeError::from_build(PLAIN, err))?;
     Ok(Event::from_inner(e))
 }
 

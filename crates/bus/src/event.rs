@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -378,20 +378,55 @@ impl EventBuilder {
         if !self.id_set {
             self.inner.id = uuid::Uuid::now_v7().to_string();
         }
-        if !self.time_set {
+        let generated_time = !self.time_set;
+        if generated_time {
             self.inner.time = Some(now_rfc3339());
         }
         if self.inner.datacontenttype.is_none() && matches!(self.inner.data, Some(Data::Json(_))) {
             self.inner.datacontenttype = Some(JSON_CONTENT_TYPE.to_owned());
         }
-        validate(&self.inner)?;
+        validate(&self.inner, !generated_time)?;
         Ok(Event::from_inner(self.inner))
     }
 }
 
 /// The current time as an RFC 3339 UTC timestamp with microseconds.
 pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_micros(SystemTime::now()).to_string()
+    // Every published event gets a timestamp; formatting the date and time
+    // costs more than the rest of building an event, so each thread keeps the
+    // text of the current second and only writes the microseconds.
+    thread_local! {
+        static SECOND: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let Ok(since_epoch) = now.duration_since(SystemTime::UNIX_EPOCH) else {
+        return humantime::format_rfc3339_micros(now).to_string();
+    };
+    let (secs, micros) = (since_epoch.as_secs(), since_epoch.subsec_micros());
+    SECOND.with_borrow_mut(|(cached, prefix)| {
+        if *cached != secs {
+            // `YYYY-MM-DDTHH:MM:SS.` from humantime's `...SS.ffffffZ`.
+            let full = humantime::format_rfc3339_micros(
+                SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+            )
+            .to_string();
+            *prefix = full[..full.len() - 7].to_owned();
+            *cached = secs;
+        }
+        let mut out = String::with_capacity(prefix.len() + 7);
+        out.push_str(prefix);
+        let digits = [
+            micros / 100_000,
+            micros / 10_000 % 10,
+            micros / 1000 % 10,
+            micros / 100 % 10,
+            micros / 10 % 10,
+            micros % 10,
+        ];
+        out.extend(digits.map(|d| char::from(b'0' + d as u8)));
+        out.push('Z');
+        out
+    })
 }
 
 fn invalid(attribute: &str, reason: impl Into<String>) -> BuildError {
@@ -401,8 +436,9 @@ fn invalid(attribute: &str, reason: impl Into<String>) -> BuildError {
     }
 }
 
-/// Checks every rule of CloudEvents 1.0 that an in-memory event can break.
-pub(crate) fn validate(e: &EventInner) -> Result<(), BuildError> {
+/// Checks every rule of CloudEvents 1.0 that an in-memory event can break
+/// (`time` only when `check_time`: a timestamp the builder wrote is valid).
+pub(crate) fn validate(e: &EventInner, check_time: bool) -> Result<(), BuildError> {
     if e.id.is_empty() {
         return Err(BuildError::Missing("id"));
     }
@@ -418,7 +454,8 @@ pub(crate) fn validate(e: &EventInner) -> Result<(), BuildError> {
     if e.ty.is_empty() {
         return Err(BuildError::Missing("type"));
     }
-    if let Some(t) = &e.time
+    if check_time
+        && let Some(t) = &e.time
         && !is_rfc3339(t)
     {
         return Err(invalid(
@@ -562,6 +599,29 @@ pub fn is_rfc3339(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cached-second timestamp is what humantime would write for now:
+    /// RFC 3339, microseconds, UTC, within the second it was taken in.
+    #[test]
+    fn now_rfc3339_is_a_current_rfc3339_timestamp() {
+        for _ in 0..2000 {
+            let before = SystemTime::now();
+            let t = now_rfc3339();
+            let after = SystemTime::now();
+            assert!(is_rfc3339(&t), "{t}");
+            assert_eq!(t.len(), "2026-01-01T00:00:00.000000Z".len(), "{t}");
+            let parsed = humantime::parse_rfc3339(&t).unwrap();
+            let floor = |s: SystemTime| {
+                s.duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_micros()
+            };
+            assert!(
+                floor(before) <= floor(parsed) && floor(parsed) <= floor(after),
+                "{t}"
+            );
+        }
+    }
 
     #[test]
     fn builder_requires_source_and_type() {
