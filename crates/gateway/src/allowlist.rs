@@ -13,6 +13,9 @@
 //! IPv6) and denies link-local networks and the known metadata addresses,
 //! which a deny entry overrides even inside an allowed network (AWS's IPv6
 //! metadata endpoint `fd00:ec2::254` sits inside `fc00::/7`).
+//!
+//! Both lists are read at start: a config reload keeps the running lists
+//! (and warns), because the registry's validation is fixed when it opens.
 
 use std::net::IpAddr;
 
