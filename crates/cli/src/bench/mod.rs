@@ -2,6 +2,7 @@
 
 mod breaker;
 mod bus;
+mod chaos;
 mod gateway;
 
 use clap::Subcommand;
@@ -15,6 +16,9 @@ pub enum BenchCommand {
     Bus(bus::BusArgs),
     /// Gateway: requests/s and p50/p99 through the proxy, in one process (see bench/gateway.sh for nginx/HAProxy).
     Gateway(gateway::GatewayArgs),
+    /// Fault injection under load: `chaos gateway` (upstreams killed, black-holed, slow,
+    /// resetting) and `chaos bus` (redis-server kill -9, consumers killed, a poison event).
+    Chaos(chaos::ChaosArgs),
 }
 
 /// Runs one benchmark.
@@ -23,5 +27,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Breaker(args) => breaker::run(&args),
         BenchCommand::Bus(args) => bus::run(args),
         BenchCommand::Gateway(args) => gateway::run(&args),
+        BenchCommand::Chaos(args) => chaos::run(args),
     }
 }
