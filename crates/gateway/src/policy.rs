@@ -15,9 +15,10 @@
 //! 5. Every answer, forwarded or not, gets the route's CORS and deprecation headers.
 //!
 //! A [`RoutePolicy`] is built from the route's [`RouteConfig`] alone (plus a
-//! shared handle per Redis URL), so a config reload rebuilds it: memory rate
-//! limits and stored idempotent responses start empty after a reload, Redis
-//! ones carry over.
+//! shared handle per Redis URL), so a config reload can rebuild it. A route
+//! whose config is unchanged keeps its state across a reload; a changed route
+//! gets a new one: its memory rate limits start full and its stored
+//! idempotent responses are forgotten, while Redis state carries over.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;

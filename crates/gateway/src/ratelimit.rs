@@ -22,8 +22,9 @@
 //! fields (draft-ietf-httpapi-ratelimit-headers, structured-field form).
 //! Allowed requests carry no extra headers (no allocation on the hot path).
 //!
-//! On a config reload the state is rebuilt from the config, so memory buckets
-//! start full again; Redis buckets live in Redis and carry over.
+//! On a config reload a route whose config changed gets a new limiter
+//! (memory buckets start full again); unchanged routes keep theirs, and Redis
+//! buckets live in Redis and carry over either way.
 
 use std::hash::Hash;
 use std::net::IpAddr;
