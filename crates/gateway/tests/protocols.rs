@@ -524,7 +524,7 @@ async fn websocket_echo_is_spliced_and_closed_after_the_drain_deadline() {
     shutdown.await.unwrap();
     let took = started.elapsed();
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        took >= Duration::from_millis(900) && took < Duration::from_secs(8),
         "shutdown took {took:?}"
     );
 }
