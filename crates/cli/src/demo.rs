@@ -130,6 +130,8 @@ Walkthrough (in another terminal; every command works as printed):
 
 7. Heal payments; new orders confirm again, and /payments answers once the breakers half-open:
    curl -s {gw}/payments/admin/faults {json} -d '{{}}'
+   After 10 s, run the loop of step 5 again: on the dashboard the payments breakers
+   turn half-open, then closed.
 
 Ctrl-C stops everything cleanly.
 "#

@@ -32,6 +32,10 @@ impl Gw {
 }
 
 async fn gateway(backends: &[&Backend], extra: &str) -> Gw {
+    gateway_open_for(backends, extra, "30s").await
+}
+
+async fn gateway_open_for(backends: &[&Backend], extra: &str, open_for: &str) -> Gw {
     let addrs: Vec<String> = backends.iter().map(|b| format!("\"{}\"", b.addr)).collect();
     let text = format!(
         r#"[gateway]
@@ -51,7 +55,7 @@ prefix = "/svc"
 service = "svc"
 strip_prefix = true
 retry = {{ attempts = 1 }}
-breaker = {{ failure_rate = 0.5, min_calls = 4, window = "10s", open_for = "30s" }}
+breaker = {{ failure_rate = 0.5, min_calls = 4, window = "10s", open_for = "{open_for}" }}
 "#,
         addrs.join(", ")
     );
@@ -288,5 +292,37 @@ async fn a_client_that_does_not_read_never_stalls_the_sampler() {
         "200 ticks took {:?}",
         started.elapsed()
     );
+    gw.shutdown().await;
+}
+
+/// The walkthrough's fault step as the dashboard sees it: open, then
+/// half-open once the open time passed and a probe arrives, then closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_transitions_open_half_open_closed_reach_the_frames() {
+    let b = Backend::start("flaky").await;
+    let gw = gateway_open_for(&[&b], "", "300ms").await;
+    let c = support::client();
+    b.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..6 {
+        let _ = c
+            .get(format!("http://{}/svc/x", gw.listen()))
+            .send()
+            .await
+            .unwrap();
+    }
+    assert_eq!(gw.dashboard().tick().await.breakers[0].state, "open");
+    b.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for _ in 0..20 {
+        let _ = c
+            .get(format!("http://{}/svc/x", gw.listen()))
+            .send()
+            .await
+            .unwrap();
+    }
+    let frame = gw.dashboard().tick().await;
+    assert_eq!(frame.breakers[0].state, "closed");
+    let states: Vec<&str> = frame.transitions.iter().map(|t| t.to).collect();
+    assert_eq!(states, ["open", "half_open", "closed"]);
     gw.shutdown().await;
 }
