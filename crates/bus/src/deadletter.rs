@@ -42,6 +42,8 @@ pub enum Reason {
     MaxDeliveries,
     /// The entry on the stream was not a valid event.
     DecodeError,
+    /// The handler rejected it permanently ([`crate::Nack::permanent`]).
+    Rejected,
 }
 
 impl Reason {
@@ -50,6 +52,7 @@ impl Reason {
         match self {
             Reason::MaxDeliveries => "max-deliveries",
             Reason::DecodeError => "decode-error",
+            Reason::Rejected => "rejected",
         }
     }
 
@@ -57,6 +60,7 @@ impl Reason {
         match s {
             "max-deliveries" => Some(Reason::MaxDeliveries),
             "decode-error" => Some(Reason::DecodeError),
+            "rejected" => Some(Reason::Rejected),
             _ => None,
         }
     }

@@ -205,7 +205,24 @@ async fn fetcher<C: Consumer>(
     }
 }
 
-type Outcome<T> = (Delivery<T>, Result<(), String>, Duration);
+type Outcome<T> = (Delivery<T>, Result<(), Failure>, Duration);
+
+/// A failed handler run: its message and what a [`crate::Nack`] asked for.
+struct Failure {
+    message: String,
+    permanent: bool,
+    retry_after: Option<Duration>,
+}
+
+impl Failure {
+    fn plain(message: String) -> Self {
+        Failure {
+            message,
+            permanent: false,
+            retry_after: None,
+        }
+    }
+}
 
 /// One handler run: the handler's future polled inside the event's span and
 /// correlation context, with panics caught.
@@ -218,12 +235,24 @@ struct Run<T> {
     delivery: Option<Delivery<T>>,
     fut: BoxFuture<'static, Result<(), HandlerError>>,
     correlation: Correlation,
+    /// Which delivery this is, for [`crate::current_delivery`].
+    info: crate::subscribe::DeliveryInfo,
     span: tracing::Span,
     started: Instant,
 }
 
 impl<T: Unpin> Run<T> {
-    fn start(handler: &dyn Handler, delivery: Delivery<T>, event: Event, started: Instant) -> Self {
+    fn start(
+        handler: &dyn Handler,
+        delivery: Delivery<T>,
+        event: Event,
+        started: Instant,
+        max_deliveries: u32,
+    ) -> Self {
+        let info = crate::subscribe::DeliveryInfo {
+            attempt: delivery.attempt,
+            max_deliveries,
+        };
         let span = tracing::debug_span!(
             "event",
             r#type = %event.ty(),
@@ -241,7 +270,9 @@ impl<T: Unpin> Run<T> {
             let _entered = span.enter();
             // A handler may panic before it returns its future, too.
             std::panic::catch_unwind(AssertUnwindSafe(|| {
-                correlation::sync_scope(correlation.clone(), || handler.handle(event))
+                crate::subscribe::DELIVERY.sync_scope(info, || {
+                    correlation::sync_scope(correlation.clone(), || handler.handle(event))
+                })
             }))
             .unwrap_or_else(|panic| {
                 let error: HandlerError = panic_message(&*panic).into();
@@ -252,6 +283,7 @@ impl<T: Unpin> Run<T> {
             delivery: Some(delivery),
             fut,
             correlation,
+            info,
             span,
             started,
         }
@@ -265,16 +297,25 @@ impl<T: Unpin> Future for Run<T> {
         let this = self.get_mut();
         let polled = {
             let _entered = this.span.enter();
-            let (fut, correlation) = (&mut this.fut, &this.correlation);
+            let (fut, correlation, info) = (&mut this.fut, &this.correlation, this.info);
             std::panic::catch_unwind(AssertUnwindSafe(|| {
-                correlation::sync_scope(correlation.clone(), || fut.as_mut().poll(cx))
+                crate::subscribe::DELIVERY.sync_scope(info, || {
+                    correlation::sync_scope(correlation.clone(), || fut.as_mut().poll(cx))
+                })
             }))
         };
         let result = match polled {
             Ok(Poll::Pending) => return Poll::Pending,
             Ok(Poll::Ready(Ok(()))) => Ok(()),
-            Ok(Poll::Ready(Err(e))) => Err(e.to_string()),
-            Err(panic) => Err(panic_message(&*panic)),
+            Ok(Poll::Ready(Err(e))) => Err(match e.downcast_ref::<crate::Nack>() {
+                Some(n) => Failure {
+                    message: n.to_string(),
+                    permanent: n.is_permanent(),
+                    retry_after: n.get_retry_after(),
+                },
+                None => Failure::plain(e.to_string()),
+            }),
+            Err(panic) => Err(Failure::plain(panic_message(&*panic))),
         };
         let Some(delivery) = this.delivery.take() else {
             unreachable!("a finished run is not polled again")
@@ -328,7 +369,7 @@ async fn runner<T: Send + Sync + Unpin + 'static>(
                                 let d = Delivery { token, attempt, payload: Ok(event.clone()) };
                                 // One clock read per event: a run that ends in
                                 // place ends when the next one starts.
-                                let mut run = Run::start(&*handler, d, event, now);
+                                let mut run = Run::start(&*handler, d, event, now, ctx.opts.max_deliveries);
                                 let polled = Pin::new(&mut run).poll(&mut task_cx);
                                 now = Instant::now();
                                 match polled {
@@ -354,12 +395,26 @@ fn decide<T>(ctx: &Ctx, (d, result, took): Outcome<T>) -> Settle<T> {
     ctx.metrics.handler_latency(took);
     match result {
         Ok(()) => Settle::Ack(d.token),
-        Err(error) => {
+        Err(failure) => {
             ctx.metrics.handler_error();
             let Ok(event) = d.payload else {
                 unreachable!("only decoded events reach handlers")
             };
-            if d.attempt >= ctx.opts.max_deliveries {
+            let error = failure.message;
+            if failure.permanent {
+                tracing::warn!(topic = %ctx.topic, group = %ctx.group, id = %event.id(), attempts = d.attempt, %error, "dead-lettering rejected event");
+                ctx.metrics.dead_lettered();
+                ctx.group_stats.dead_lettered();
+                let letter = deadletter::letter(
+                    &event,
+                    &ctx.topic,
+                    &ctx.group,
+                    Reason::Rejected,
+                    d.attempt,
+                    &error,
+                );
+                Settle::DeadLetter(d.token, letter)
+            } else if d.attempt >= ctx.opts.max_deliveries {
                 tracing::warn!(topic = %ctx.topic, group = %ctx.group, id = %event.id(), attempts = d.attempt, %error, "dead-lettering event");
                 ctx.metrics.dead_lettered();
                 ctx.group_stats.dead_lettered();
@@ -374,6 +429,7 @@ fn decide<T>(ctx: &Ctx, (d, result, took): Outcome<T>) -> Settle<T> {
                 Settle::DeadLetter(d.token, letter)
             } else {
                 let delay = ctx.opts.backoff.delay(d.attempt);
+                let delay = failure.retry_after.map_or(delay, |after| delay.max(after));
                 tracing::debug!(topic = %ctx.topic, group = %ctx.group, id = %event.id(), attempt = d.attempt, %error, retry_in = ?delay, "handler failed");
                 Settle::Retry(d.token, d.attempt, delay)
             }

@@ -38,7 +38,9 @@
 //!   [`RetryBackoff`]; a delivery not acked within the ack wait (a crashed
 //!   consumer) goes to another consumer of the group. After `max_deliveries`
 //!   the event is published to the dead-letter topic with the reason, attempt
-//!   count and last error ([`deadletter`]). Entries that do not decode are
+//!   count and last error ([`deadletter`]). A handler that returns a
+//!   permanent [`Nack`] dead-letters the event at once (reason `rejected`); a
+//!   [`Nack::retry_after`] delays the redelivery at least that long. Entries that do not decode are
 //!   dead-lettered at once. Handlers should be idempotent, or wrapped in
 //!   [`middleware::idempotency`].
 //! - Per-backend differences are [`Capabilities`]:
@@ -82,4 +84,6 @@ pub use backoff::RetryBackoff;
 pub use bus::{Bus, BusError, Capabilities};
 pub use codec::DecodeError;
 pub use event::{BuildError, Data, Event, EventBuilder};
-pub use subscribe::{Handler, HandlerError, SubscribeOptions, Subscription};
+pub use subscribe::{
+    DeliveryInfo, Handler, HandlerError, Nack, SubscribeOptions, Subscription, current_delivery,
+};

@@ -52,6 +52,83 @@ impl Handler for Arc<dyn Handler> {
     }
 }
 
+/// A handler error that says how to settle the delivery, for handlers that
+/// know more than "failed": a permanent rejection goes to the dead-letter
+/// topic at once (reason `rejected`), a retry can ask for at least some delay
+/// (an HTTP `Retry-After`). Return it boxed as the handler's error; any other
+/// error is an ordinary failure (redelivered after the backoff).
+///
+/// ```
+/// # use switchboard_bus::{Event, HandlerError, Nack};
+/// let handler = |event: Event| async move {
+///     if event.data_json().is_none() {
+///         return Err(Nack::permanent("no JSON payload").into());
+///     }
+///     Ok::<_, HandlerError>(())
+/// };
+/// # fn check(_: impl switchboard_bus::Handler) {}
+/// # check(handler);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Nack {
+    message: String,
+    permanent: bool,
+    retry_after: Option<Duration>,
+}
+
+impl Nack {
+    /// Never retry: dead-letter the event now, with `message` as its error.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Nack {
+            message: message.into(),
+            permanent: true,
+            retry_after: None,
+        }
+    }
+
+    /// Redeliver no sooner than `after` (or the backoff, if that is longer).
+    pub fn retry_after(message: impl Into<String>, after: Duration) -> Self {
+        Nack {
+            message: message.into(),
+            permanent: false,
+            retry_after: Some(after),
+        }
+    }
+
+    /// Whether the event is dead-lettered without further deliveries.
+    pub fn is_permanent(&self) -> bool {
+        self.permanent
+    }
+
+    /// The least delay before the redelivery, if any.
+    pub fn get_retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+}
+
+/// Which delivery of its event the current handler call is: `attempt` counts
+/// from 1, `max_deliveries` is the subscription's limit (so `attempt ==
+/// max_deliveries` is the last chance before the dead-letter topic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryInfo {
+    /// 1 for the first delivery of the event to its group.
+    pub attempt: u32,
+    /// The subscription's `max_deliveries`.
+    pub max_deliveries: u32,
+}
+
+tokio::task_local! {
+    pub(crate) static DELIVERY: DeliveryInfo;
+}
+
+/// The delivery the current handler runs for; `None` outside a handler
+/// (read it in the handler's async body, not before its first `.await` point's
+/// enclosing future was created).
+pub fn current_delivery() -> Option<DeliveryInfo> {
+    DELIVERY.try_with(|d| *d).ok()
+}
+
 /// The dead-letter topic used unless [`SubscribeOptions::dead_letter_topic`] says otherwise.
 pub const DEFAULT_DEAD_LETTER_TOPIC: &str = "deadletter";
 

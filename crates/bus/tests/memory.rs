@@ -168,3 +168,71 @@ async fn a_handler_panicking_before_its_future_is_dead_lettered() {
     sub.shutdown().await;
     dsub.shutdown().await;
 }
+
+/// A permanent `Nack` dead-letters at once (reason `rejected`); a
+/// `Nack::retry_after` delays the redelivery past the backoff; handlers see
+/// which delivery they run for.
+#[tokio::test(start_paused = true)]
+async fn nack_rejects_or_delays_and_handlers_see_the_attempt() {
+    use switchboard_bus::deadletter::{DeadLetter, Reason};
+    use switchboard_bus::{Nack, current_delivery};
+    let bus = Bus::open(&format!("memory://{}", common::unique("nack")))
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let handler = move |e: Event| {
+        let tx = tx.clone();
+        async move {
+            let info = current_delivery().expect("inside a handler");
+            let _ = tx.send((
+                tokio::time::Instant::now(),
+                info.attempt,
+                info.max_deliveries,
+            ));
+            match (e.id(), info.attempt) {
+                ("reject", _) => Err(Nack::permanent("HTTP 400: bad order").into()),
+                ("slow", 1) => Err(Nack::retry_after("HTTP 429", Duration::from_secs(9)).into()),
+                _ => Ok::<_, HandlerError>(()),
+            }
+        }
+    };
+    let opts = SubscribeOptions::default()
+        .backoff(RetryBackoff::constant(Duration::from_secs(1)))
+        .max_deliveries(4)
+        .dead_letter_topic("nack.dlq");
+    let sub = bus.subscribe("nack", "g", handler, opts).await.unwrap();
+    let (h, mut letters) = common::recorder();
+    let dsub = bus
+        .subscribe("nack.dlq", "inspect", h, SubscribeOptions::default())
+        .await
+        .unwrap();
+    let ev = |id: &str| {
+        Event::builder()
+            .source("/s")
+            .ty("nack")
+            .id(id)
+            .build()
+            .unwrap()
+    };
+    bus.publish(ev("slow")).await.unwrap();
+    let (t1, a1, max) = rx.recv().await.unwrap();
+    let (t2, a2, _) = rx.recv().await.unwrap();
+    assert_eq!((a1, a2, max), (1, 2, 4));
+    assert_eq!(
+        t2 - t1,
+        Duration::from_secs(9),
+        "Retry-After beats the 1 s backoff"
+    );
+    bus.publish(ev("reject")).await.unwrap();
+    let (_, attempt, _) = rx.recv().await.unwrap();
+    assert_eq!(attempt, 1);
+    let letter = letters.recv().await.unwrap();
+    let d = DeadLetter::from_event(&letter).unwrap();
+    assert_eq!((d.reason, d.attempts), (Reason::Rejected, 1));
+    assert_eq!(d.error, "HTTP 400: bad order");
+    assert!(d.original().is_some(), "rejected letters can be replayed");
+    let again = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+    assert!(again.is_err(), "a rejected event is not redelivered");
+    sub.shutdown().await;
+    dsub.shutdown().await;
+}
