@@ -95,6 +95,12 @@ pub struct RawConfig {
     /// `[[routes]]`: the route table.
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    /// `[bridge]`: the HTTP event bridge.
+    #[serde(default)]
+    pub bridge: crate::bridge::config::RawBridge,
+    /// `[[subscriptions]]`: the bridge's push subscriptions.
+    #[serde(default)]
+    pub subscriptions: Vec<crate::bridge::config::SubscriptionSpec>,
 }
 
 /// `[gateway]`.
@@ -410,6 +416,10 @@ pub struct Config {
     pub upstream_policy: crate::allowlist::UpstreamPolicy,
     /// Token for admin writes: `gateway.admin_token`, else `registry.token`.
     pub admin_token: Option<String>,
+    /// The HTTP event bridge (off unless `bridge.bus` is set).
+    pub bridge: crate::bridge::config::RawBridge,
+    /// The bridge's push subscriptions.
+    pub subscriptions: Vec<crate::bridge::config::Subscription>,
 }
 
 /// Resolved `[gateway]` (same fields as [`RawGateway`], workers resolved).
@@ -831,6 +841,9 @@ impl RawConfig {
             routes.push(cfg);
         }
 
+        let subscriptions =
+            crate::bridge::config::resolve_all(&self.bridge, &self.subscriptions, &mut err);
+
         if errors.is_empty() {
             let admin_token = g
                 .admin_token
@@ -847,6 +860,8 @@ impl RawConfig {
                 routes,
                 upstream_policy,
                 admin_token,
+                bridge: self.bridge,
+                subscriptions,
             })
         } else {
             Err(ConfigErrors(errors))

@@ -37,6 +37,8 @@
 //!   [`versioning`], [`ratelimit`], [`idempotency`], [`cors`]; [`edge_redis`] is their Redis handle.
 //! - [`allowlist`]: the networks upstreams may be in; [`admin_auth`]: bearer token on admin writes.
 //! - [`dashboard`]: the live page `/dashboard` and its SSE stream `/v1/stream` on the admin listener.
+//! - [`bridge`]: the HTTP event bridge: CloudEvents over HTTP onto the bus
+//!   (`POST /v1/events`) and push subscriptions delivering to services.
 //!
 //! # Configuration defaults
 //!
@@ -79,6 +81,11 @@
 //! | `routes[].idempotency` | none | `ttl = "24h"`, `max_response_bytes = 1048576`, `store = "memory://"` (or `redis://`), `max_keys = 100000`, `max_store_bytes = 67108864`, `client_header`, `name = prefix` |
 //! | `routes[].cors` | none | `origins` (required; or `["*"]`), `methods = ["GET","HEAD","POST"]`, `headers = []`, `expose = []`, `credentials = false`, `max_age = "5s"` |
 //! | `routes[].protocol` | the service's `protocol` | `http1` or `h2c` for this route |
+//! | `bridge.bus` | none (bridge off) | bus URL of the HTTP event bridge |
+//! | `bridge.publish` | `admin` | where `POST /v1/events` is served: `admin`, `proxy`, `both`, `off` |
+//! | `bridge.path` | `/v1/events` | the publish path |
+//! | `bridge.max_body_bytes` | `1048576` | larger publish bodies get 413 (at least 65536) |
+//! | `subscriptions[]` | none | push subscriptions: `topic`, `service` (+ `path`) or `url`; see [`bridge::config::SubscriptionSpec`] for `name`, `group`, `max_in_flight` `32`, `ack_timeout` `10s`, `backoff`, `max_deliveries` `5`, `dead_letter_topic`, `breaker` |
 //!
 //! # Hot reload
 //!
@@ -108,6 +115,7 @@ pub mod admin_auth;
 pub mod allowlist;
 pub mod body;
 pub mod breaker;
+pub mod bridge;
 pub mod config;
 pub mod correlation;
 pub mod cors;
@@ -166,6 +174,7 @@ pub struct GatewayBuilder {
     passive: Option<proxy::PassiveHealth>,
     extra_metrics: Option<admin::ExtraMetrics>,
     dashboard: dashboard::Sources,
+    bridge: Option<bridge::Bridge>,
 }
 
 impl std::fmt::Debug for GatewayBuilder {
@@ -190,7 +199,16 @@ impl GatewayBuilder {
             passive: None,
             extra_metrics: None,
             dashboard: dashboard::Sources::default(),
+            bridge: None,
         }
+    }
+
+    /// Serves the HTTP event bridge: its admin routes (subscriptions, and
+    /// publishing when it is on the admin listener), its OpenAPI paths and its
+    /// metrics.
+    pub fn bridge(mut self, bridge: bridge::Bridge) -> Self {
+        self.bridge = Some(bridge);
+        self
     }
 
     /// Instance sources by service name (a route's service without a source
@@ -303,12 +321,23 @@ impl GatewayBuilder {
         let threads = server::spawn_workers(gw, listeners, &cfg.gateway, &shutdown_rx)?;
 
         let ready = Arc::new(AtomicBool::new(true));
+        let mut openapi_extra = self.openapi_extra;
+        let mut extra_metrics = self.extra_metrics;
+        if let Some(b) = &self.bridge {
+            merge_paths(&mut openapi_extra, &bridge::openapi(b.publish_on().1));
+            let (b, before) = (b.clone(), extra_metrics.take());
+            extra_metrics = Some(Arc::new(move || {
+                let mut text = before.as_ref().map(|f| f()).unwrap_or_default();
+                text.push_str(&b.metrics_text());
+                text
+            }));
+        }
         let mut app = admin::router(admin::AdminState {
             gw,
             reloader: Arc::clone(&reloader),
             ready: Arc::clone(&ready),
-            openapi_extra: Arc::new(self.openapi_extra),
-            extra_metrics: self.extra_metrics,
+            openapi_extra: Arc::new(openapi_extra),
+            extra_metrics,
         });
         if let Some(extra) = self.admin_extra {
             app = app.merge(extra);
@@ -319,6 +348,9 @@ impl GatewayBuilder {
         let dashboard = dashboard::Dashboard::new(gw, sources);
         app = app.merge(dashboard.router());
         let sampler = dashboard.spawn_sampler(shutdown_rx.clone());
+        if let Some(b) = &self.bridge {
+            app = app.merge(b.router());
+        }
         app = admin_auth::protect_writes(app, cfg.admin_token.clone());
         let admin_listener = tokio::net::TcpListener::bind(cfg.gateway.admin).await?;
         let admin_addr = admin_listener.local_addr()?;
@@ -349,6 +381,24 @@ impl GatewayBuilder {
             dashboard,
             _coarse_clock: coarse_clock,
         })
+    }
+}
+
+/// Adds `extra`'s `paths` to `doc`'s (creating them).
+fn merge_paths(doc: &mut serde_json::Value, extra: &serde_json::Value) {
+    if !doc.is_object() {
+        *doc = serde_json::json!({});
+    }
+    if !doc["paths"].is_object() {
+        doc["paths"] = serde_json::json!({});
+    }
+    if let (Some(paths), Some(more)) = (
+        doc["paths"].as_object_mut(),
+        extra.get("paths").and_then(|p| p.as_object()),
+    ) {
+        for (k, v) in more {
+            paths.insert(k.clone(), v.clone());
+        }
     }
 }
 
@@ -437,6 +487,12 @@ pub enum RunError {
         "refusing to serve the admin API on non-loopback {0} without a token (set `gateway.admin_token` or `registry.token`)"
     )]
     InsecureAdmin(SocketAddr),
+    /// The bridge's bus could not be opened.
+    #[error("bridge bus: {0}")]
+    Bus(#[from] switchboard_bus::BusError),
+    /// A configured push subscription could not be started.
+    #[error("bridge: {0}")]
+    Subscribe(#[from] bridge::SubscribeError),
 }
 
 /// A gateway started together with its registry by [`start`].
@@ -446,12 +502,18 @@ pub struct WithRegistry {
     pub gateway: RunningGateway,
     /// The registry (embedded, or a view of the shared Redis store).
     pub registry: switchboard_registry::Registry,
+    /// The HTTP event bridge, when `bridge.bus` is set.
+    pub bridge: Option<bridge::Bridge>,
 }
 
 impl WithRegistry {
-    /// Drains the gateway, then stops the registry's checks.
+    /// Drains the gateway, stops the bridge's subscriptions (settling
+    /// in-flight deliveries), then stops the registry's checks.
     pub async fn shutdown(self) {
         self.gateway.shutdown().await;
+        if let Some(b) = &self.bridge {
+            b.shutdown().await;
+        }
         self.registry.shutdown().await;
     }
 }
@@ -482,7 +544,31 @@ pub async fn start(config: Config) -> Result<WithRegistry, RunError> {
     }
     let reporter = registry.clone();
     let metrics_registry = registry.clone();
-    let gateway = GatewayBuilder::new(config)
+    let bridge = match &config.bridge.bus {
+        Some(url) => {
+            let bus = switchboard_bus::Bus::open(url).await?;
+            let mut o =
+                bridge::BridgeOptions::new(bus, bridge::registry_resolver(registry.clone()));
+            o.token = config.admin_token.clone();
+            o.publish = config.bridge.publish;
+            o.path = config.bridge.path.clone();
+            o.max_body_bytes = config.bridge.max_body_bytes;
+            o.connect_timeout = config.gateway.connect_timeout;
+            o.pool = pool::PoolConfig {
+                idle_timeout: config.gateway.pool_idle_timeout,
+                max_idle: config.gateway.pool_max_idle,
+            };
+            o.subscriptions = config.subscriptions.clone();
+            o.upstream_policy = config.upstream_policy.clone();
+            Some(bridge::Bridge::start(o).await?)
+        }
+        None => None,
+    };
+    let mut builder = GatewayBuilder::new(config);
+    if let Some(b) = &bridge {
+        builder = builder.bridge(b.clone());
+    }
+    let gateway = builder
         .discovery(Arc::new(discovery::RegistryDiscovery::new(
             registry.clone(),
         )))
@@ -502,7 +588,11 @@ pub async fn start(config: Config) -> Result<WithRegistry, RunError> {
         .extra_metrics(Arc::new(move || reg_http::metrics_text(&metrics_registry)))
         .start()
         .await?;
-    Ok(WithRegistry { gateway, registry })
+    Ok(WithRegistry {
+        gateway,
+        registry,
+        bridge,
+    })
 }
 
 /// [`start`], then serve until `shutdown` resolves; then stop accepting, drain
