@@ -122,6 +122,7 @@ pub struct DemoHandle {
     registry: Registry,
     bus: Bus,
     gateway: Option<RunningGateway>,
+    bridge: Option<switchboard_gateway::bridge::Bridge>,
     data: ShopData,
     inboxes: HashMap<&'static str, Arc<dyn InboxStore>>,
     services: Vec<RunningService>,
@@ -193,6 +194,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoHandle> {
         registry,
         bus,
         gateway: None,
+        bridge: None,
         data,
         inboxes,
         services: Vec::new(),
@@ -315,11 +317,23 @@ impl DemoHandle {
             self.registry.clone(),
             switchboard_registry::http::HttpOptions::default(),
         );
+        // The HTTP event bridge on the admin listener: services in any
+        // language publish with POST /v1/events and register push
+        // subscriptions (examples/node-service, examples/python-service).
+        let bridge = switchboard_gateway::bridge::Bridge::start(
+            switchboard_gateway::bridge::BridgeOptions::new(
+                self.bus.clone(),
+                switchboard_gateway::bridge::registry_resolver(self.registry.clone()),
+            ),
+        )
+        .await
+        .context("start the event bridge")?;
         let mut builder = GatewayBuilder::new(config)
             .sources(sources)
             .admin_extra(registry_api, switchboard_registry::http::openapi())
             .dashboard_bus(self.bus.clone())
-            .dashboard_registry(self.registry.clone());
+            .dashboard_registry(self.registry.clone())
+            .bridge(bridge.clone());
         if !o.access_log {
             // Keep the records for the dashboard's search; print nothing.
             builder = builder.access_log_dispatch(tracing::Dispatch::none());
@@ -329,6 +343,7 @@ impl DemoHandle {
             .await
             .with_context(|| format!("start the gateway on {} (admin {})", o.listen, o.admin))?;
         self.gateway = Some(gateway);
+        self.bridge = Some(bridge);
         Ok(())
     }
 
@@ -337,6 +352,9 @@ impl DemoHandle {
     pub async fn shutdown(mut self) {
         if let Some(gw) = self.gateway.take() {
             gw.shutdown().await;
+        }
+        if let Some(b) = self.bridge.take() {
+            b.shutdown().await;
         }
         for s in std::mem::take(&mut self.services) {
             s.shutdown().await;
