@@ -1,6 +1,7 @@
 //! `switchboard bench ...`: built-in benchmarks, one file each.
 
 mod breaker;
+mod bridge;
 mod bus;
 mod chaos;
 mod gateway;
@@ -10,6 +11,8 @@ use clap::Subcommand;
 /// Which benchmark to run.
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// HTTP event bridge: events/s published over HTTP and pushed to a local subscriber, end to end.
+    Bridge(bridge::BridgeArgs),
     /// Circuit breaker: ns per call on the closed and open paths, one and two threads.
     Breaker(breaker::BreakerArgs),
     /// Event bus: end-to-end events/s (publish -> handled -> acked) and publish p50/p99.
@@ -25,6 +28,7 @@ pub enum BenchCommand {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Breaker(args) => breaker::run(&args),
+        BenchCommand::Bridge(args) => bridge::run(&args),
         BenchCommand::Bus(args) => bus::run(args),
         BenchCommand::Gateway(args) => gateway::run(&args),
         BenchCommand::Chaos(args) => chaos::run(args),
