@@ -28,8 +28,11 @@ log() { printf '== %s\n' "$*" >&2; }
 for tool in nginx wrk curl; do
   command -v "$tool" >/dev/null || { log "needs $tool (bench/gateway.sh installs nginx and wrk)"; exit 1; }
 done
-log "building switchboard (release)"
-cargo build --release -q -p switchboard
+# NO_BUILD=1 measures the binary already in $CARGO_TARGET_DIR/release.
+if [ -z "${NO_BUILD:-}" ]; then
+  log "building switchboard (release)"
+  cargo build --release -q -p switchboard
+fi
 
 pids=()
 cleanup() {
