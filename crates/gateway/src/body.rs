@@ -220,6 +220,12 @@ impl ResBody {
     }
 }
 
+impl From<Bytes> for ResBody {
+    fn from(b: Bytes) -> Self {
+        ResBody::full(b)
+    }
+}
+
 impl Drop for ResBody {
     fn drop(&mut self) {
         if let Some(f) = self.finish.take() {

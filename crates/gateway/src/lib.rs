@@ -303,6 +303,11 @@ impl GatewayBuilder {
             tls: cfg.gateway.tls.as_ref().map(tls::acceptor).transpose()?,
             upgrades: tokio_util::task::TaskTracker::new(),
             transitions: dashboard::Transitions::default(),
+            publish: self
+                .bridge
+                .as_ref()
+                .filter(|b| b.publish_on().0.proxy())
+                .cloned(),
         }));
         let discovery = self
             .discovery

@@ -88,6 +88,10 @@ pub struct Gateway {
     pub(crate) upgrades: tokio_util::task::TaskTracker,
     /// Breaker transitions, for the dashboard (rare: a lock is fine).
     pub(crate) transitions: crate::dashboard::Transitions,
+    /// The HTTP event bridge when it publishes on the proxy listener
+    /// (`bridge.publish = "proxy"` or `"both"`): its path is answered before
+    /// routing.
+    pub(crate) publish: Option<crate::bridge::Bridge>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -463,6 +467,15 @@ impl Gateway {
         if let Some(detail) = early {
             let fin = self.finish(start, None, request_id, method, conn.tls);
             return self.problem(fin, Problem::BadRequest, detail, None);
+        }
+
+        // The event bridge's publish path, when it is served on this listener.
+        if let Some(bridge) = &self.publish
+            && parts.uri.path() == bridge.publish_on().1
+        {
+            return bridge
+                .handle_publish(Request::from_parts(parts, body))
+                .await;
         }
 
         // Phase 2: route. The Host header only narrows among configured routes.

@@ -385,6 +385,64 @@ async fn publishes_structured_binary_and_batch() {
     h.stop().await;
 }
 
+/// `bridge.publish = "both"`: the proxy listener answers the publish path
+/// before routing (with the same token check); `"admin"` leaves it to routing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_on_the_proxy_listener_when_configured() {
+    for (on, proxy_serves) in [
+        (switchboard_gateway::bridge::config::PublishOn::Both, true),
+        (switchboard_gateway::bridge::config::PublishOn::Admin, false),
+    ] {
+        let cfg = Config::parse(
+            "bridge-test.toml".as_ref(),
+            "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nworkers = 1\naccess_log = false\n",
+        )
+        .unwrap();
+        let bus = Bus::open(&format!("memory://{}", unique("proxy-pub")))
+            .await
+            .unwrap();
+        let mut o = BridgeOptions::new(bus, sources_resolver(StaticSources::default().receivers()));
+        o.publish = on;
+        o.token = Some("s3cret".into());
+        let bridge = Bridge::start(o).await.unwrap();
+        let (tap_sub, mut got) = tap(bridge.bus(), "order.confirmed").await;
+        let gw = GatewayBuilder::new(cfg)
+            .bridge(bridge.clone())
+            .start()
+            .await
+            .unwrap();
+        let http = reqwest::Client::new();
+        let url = format!("http://{}/v1/events", gw.listen());
+        let post = |token: Option<&'static str>| {
+            let mut req = http
+                .post(&url)
+                .header("content-type", "application/cloudevents+json")
+                .body(ce("order.confirmed", "p-1").to_string());
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            req.send()
+        };
+        if proxy_serves {
+            assert_eq!(post(None).await.unwrap().status(), 401);
+            let r = post(Some("s3cret")).await.unwrap();
+            assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+            assert_eq!(next(&mut got).await.id(), "p-1");
+        } else {
+            // No route matches: the proxy's own 404, nothing published.
+            assert_eq!(post(Some("s3cret")).await.unwrap().status(), 404);
+            assert!(
+                tokio::time::timeout(Duration::from_millis(200), got.recv())
+                    .await
+                    .is_err()
+            );
+        }
+        tap_sub.shutdown().await;
+        bridge.shutdown().await;
+        gw.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refuses_bad_events_naming_the_attribute() {
     let h = Harness::start(&format!("memory://{}", unique("rej")), None, 64 * 1024).await;
