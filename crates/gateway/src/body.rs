@@ -120,7 +120,9 @@ impl Body for ReqBody {
 
 /// A response body sent to the client: the upstream's, streamed, or one the
 /// gateway made. Dropping it completes the request's bookkeeping (pool
-/// return, metrics, access log) through its [`Finish`].
+/// return, metrics, access log) through its [`Finish`], which also settles
+/// the upstream's breaker and passive health: success at a clean end, failure
+/// on an upstream body error.
 #[derive(Debug)]
 pub struct ResBody {
     inner: Inner,
@@ -182,7 +184,10 @@ impl ResBody {
             }
             match b.frame().await {
                 None => break,
-                Some(Err(e)) => return Err(Box::new(e)),
+                Some(Err(e)) => {
+                    self.upstream_failed();
+                    return Err(Box::new(e));
+                }
                 Some(Ok(f)) => match f.into_data() {
                     Ok(d) => {
                         buf.extend_from_slice(&d);
@@ -209,6 +214,13 @@ impl ResBody {
             };
         }
         Ok((bytes, whole))
+    }
+
+    /// The upstream's body failed: its instance is charged with a failure.
+    fn upstream_failed(&mut self) {
+        if let Some(f) = &mut self.finish {
+            f.upstream_body_failed();
+        }
     }
 
     /// Attaches the request's bookkeeping, run when the body ends or drops.
@@ -272,8 +284,11 @@ impl Body for ResBody {
                 }
             }
         };
-        if matches!(r, Poll::Ready(None)) || this.is_end_stream() {
-            this.complete = true;
+        match &r {
+            Poll::Ready(Some(Err(_))) => this.upstream_failed(),
+            Poll::Ready(None) => this.complete = true,
+            _ if this.is_end_stream() => this.complete = true,
+            _ => {}
         }
         r
     }

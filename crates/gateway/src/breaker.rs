@@ -49,6 +49,32 @@ impl Permit<'_> {
             Outcome::Failure
         });
     }
+
+    /// Keeps the verdict for later: the response body carries it and settles
+    /// it at its end (one reference-count increment, no allocation).
+    /// Another breaker than the issuer gets the permit back.
+    pub fn into_owned(self, breaker: &InstanceBreaker) -> Result<OwnedPermit, Self> {
+        self.0
+            .into_owned(&breaker.inner)
+            .map(OwnedPermit)
+            .map_err(Permit)
+    }
+}
+
+/// A [`Permit`] whose verdict travels with the response body. Dropping it
+/// without a verdict (the client went away) counts for nothing.
+#[derive(Debug)]
+pub struct OwnedPermit(switchboard_resilience::breaker::OwnedPermit);
+
+impl OwnedPermit {
+    /// Reports whether the call succeeded.
+    pub fn record(self, ok: bool) {
+        self.0.record(if ok {
+            Outcome::Success
+        } else {
+            Outcome::Failure
+        });
+    }
 }
 
 /// The resilience crate's configuration for a route's `breaker = {...}`.

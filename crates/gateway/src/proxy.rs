@@ -10,6 +10,9 @@
 //! 5. the attempt loop: `upstream_peer` (balancer + breaker), connect or reuse
 //!    a pooled connection, send with per-attempt and total deadlines, classify
 //!    the outcome, feed the breaker, and retry where safe within the budget.
+//!    A 2xx-4xx with a body is only judged when its body ends: the breaker
+//!    permit travels with the body (`Finish::verdict`) and an upstream body
+//!    error counts as a failure; a client leaving mid-body counts for nothing.
 //! 6. `response_filter`: hop-by-hop removal, echo `x-request-id`.
 //! 7. logging: when the response body ends (or the client leaves), [`Finish`]
 //!    returns the connection to the pool and records metrics and the access log.
@@ -31,6 +34,7 @@ use tokio::time::{sleep_until, timeout_at};
 
 use crate::access_log::{AccessLog, AccessRecord};
 use crate::body::{ReqBody, ResBody, Streamed};
+use crate::breaker::OwnedPermit;
 use crate::config::{Protocol, RouteConfig};
 use crate::correlation;
 use crate::headers::{
@@ -117,14 +121,36 @@ pub(crate) struct Finish {
     attempts: u32,
     upstream: Option<Arc<Upstream>>,
     conn: Option<Conn>,
+    /// The upstream's verdict while its body streams: its breaker permit and
+    /// service (for passive health). Settled as a success at the body's clean
+    /// end, as a failure on an upstream body error, and not at all when the
+    /// client goes away first.
+    verdict: Option<(OwnedPermit, &'static str)>,
     /// The client connected over TLS (`x-forwarded-proto: https`).
     tls: bool,
 }
 
 impl Finish {
-    pub(crate) fn done(self, complete: bool) {
+    /// The upstream's body failed mid-stream (reset, truncated): a failure
+    /// of that instance for its breaker and passive health.
+    pub(crate) fn upstream_body_failed(&mut self) {
+        if let (Some((permit, service)), Some(u)) = (self.verdict.take(), &self.upstream) {
+            permit.record(false);
+            self.gw.passive(service, u, false);
+        }
+    }
+
+    pub(crate) fn done(mut self, complete: bool) {
         let duration = self.start.elapsed();
         if let Some(u) = &self.upstream {
+            if let Some((permit, service)) = self.verdict.take() {
+                // Incomplete without an upstream error: the client left, which
+                // says nothing about the upstream (the permit counts as ignored).
+                if complete {
+                    permit.record(true);
+                    self.gw.passive(service, u, true);
+                }
+            }
             u.outstanding.dec();
             if complete && let Some(c) = self.conn {
                 pool::put_idle(u.addr, c, &self.gw.pool, self.start);
@@ -402,6 +428,7 @@ impl Gateway {
             attempts: 0,
             upstream: None,
             conn: None,
+            verdict: None,
             tls,
         }
     }
@@ -723,8 +750,20 @@ impl Gateway {
                 Ok((res, conn)) => {
                     let status = res.status();
                     let server_error = status.is_server_error();
-                    permit.record(!server_error);
-                    self.passive(&cfg.service, &u, !server_error);
+                    // A success is only known at the end of the body (an
+                    // upstream can reset mid-body): the body settles it.
+                    if server_error || res.body().is_end_stream() {
+                        permit.record(!server_error);
+                        self.passive(&cfg.service, &u, !server_error);
+                    } else {
+                        match permit.into_owned(&u.breaker) {
+                            Ok(p) => fin.verdict = Some((p, cfg.service.as_str())),
+                            Err(p) => {
+                                p.record(true);
+                                self.passive(&cfg.service, &u, true);
+                            }
+                        }
+                    }
                     self.metrics.attempt(
                         state.series,
                         if server_error {

@@ -355,3 +355,34 @@ fn invalid_configs_are_explained() {
         "open duration: max must not be below base"
     );
 }
+
+#[test]
+fn a_permit_turned_owned_records_once_and_only_for_its_breaker() {
+    let a = Breaker::new(config(10, 4)).unwrap();
+    let b = Breaker::new(config(10, 4)).unwrap();
+    // Another breaker gets the permit back; it still records on `a`.
+    let p = a.try_acquire().unwrap();
+    let p = p.into_owned(&b).expect_err("b did not issue the permit");
+    p.record(Outcome::Failure);
+    assert_eq!(a.snapshot().failed_calls, 1);
+    assert_eq!(b.snapshot().calls, 0);
+    // Owned: the borrowed permit's drop records nothing, the owned one counts.
+    for _ in 0..2 {
+        let owned = a
+            .try_acquire()
+            .unwrap()
+            .into_owned(&a)
+            .expect("a issued it");
+        owned.record(Outcome::Failure);
+    }
+    assert_eq!(a.snapshot().failed_calls, 3);
+    assert_eq!(a.state(), State::Closed, "3 calls are below min_calls");
+    let owned = a.try_acquire().unwrap().into_owned(&a).unwrap();
+    owned.record(Outcome::Failure);
+    assert_eq!(a.state(), State::Open);
+    // A dropped owned permit counts as ignored.
+    let c = Breaker::new(config(10, 1)).unwrap();
+    drop(c.try_acquire().unwrap().into_owned(&c).unwrap());
+    assert_eq!(c.snapshot().calls, 0);
+    assert_eq!(c.state(), State::Closed);
+}

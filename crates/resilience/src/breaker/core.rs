@@ -288,6 +288,26 @@ impl Permit<'_> {
     pub fn is_probe(&self) -> bool {
         kind(self.ticket.word) == HALF_OPEN
     }
+
+    /// Turns this permit into an [`OwnedPermit`] so its verdict can be given
+    /// later, from a `'static` context (one reference-count increment, no
+    /// allocation). `breaker` must be the breaker that issued the permit;
+    /// any other breaker gets the permit back unchanged.
+    pub fn into_owned(mut self, breaker: &Breaker) -> Result<OwnedPermit, Self> {
+        if !std::ptr::eq(self.inner, Arc::as_ptr(&breaker.inner)) {
+            return Err(self);
+        }
+        // This permit hands its ticket over and records nothing when dropped.
+        self.ticket.done = true;
+        Ok(OwnedPermit {
+            inner: Arc::clone(&breaker.inner),
+            ticket: Ticket {
+                word: self.ticket.word,
+                start: self.ticket.start,
+                done: false,
+            },
+        })
+    }
 }
 
 impl Drop for Permit<'_> {
