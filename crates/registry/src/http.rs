@@ -595,7 +595,7 @@ pub fn openapi() -> serde_json::Value {
                     "version": {"type": ["string", "null"], "description": "semver"},
                     "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 64},
                     "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
-                    "check": {"$ref": "#/components/schemas/Check"}}},
+                    "check": {"anyOf": [{"$ref": "#/components/schemas/Check"}, {"type": "null"}], "description": "absent or null: no active check"}}},
                 "Instance": {"type": "object", "properties": {
                     "id": {"type": "string"}, "service": {"type": "string"}, "address": {"type": "string"}, "port": {"type": "integer"},
                     "version": {"type": ["string", "null"]}, "status": {"enum": ["passing", "warning", "critical"]},

@@ -591,4 +591,18 @@ mod tests {
         assert_eq!(check.timeout, Duration::from_secs(2));
         assert_eq!(parse_registration(&reg.to_json()).unwrap(), reg);
     }
+
+    #[test]
+    fn null_check_means_no_check_as_the_openapi_schema_says() {
+        let reg = parse_registration(&json!({"address": "a", "port": 80, "check": null})).unwrap();
+        assert!(reg.check.is_none());
+        let doc = crate::http::openapi();
+        let check = &doc["components"]["schemas"]["Registration"]["properties"]["check"];
+        let alts = check["anyOf"].as_array().expect("check is anyOf");
+        assert!(alts.contains(&json!({"type": "null"})), "{check}");
+        assert!(
+            alts.contains(&json!({"$ref": "#/components/schemas/Check"})),
+            "{check}"
+        );
+    }
 }
