@@ -4,7 +4,9 @@
 //! [`switchboard_bus::Bus`] the Rust services use.
 //!
 //! - **Publish**: `POST /v1/events` ([`publish`]) takes structured, binary or
-//!   batch mode ([`http_binding`]) and answers 202 once the bus accepted.
+//!   batch mode ([`http_binding`]) and answers 202 once the bus accepted. It
+//!   is served on the admin listener, the proxy listener (answered there
+//!   before routing) or both, as `bridge.publish` says.
 //! - **Push**: a subscription ([`config::SubscriptionSpec`], from
 //!   `[[subscriptions]]` or `PUT /v1/subscriptions/{name}`) consumes a topic
 //!   as a bus consumer group and POSTs each event in binary mode to a passing
