@@ -13,6 +13,7 @@
 # (2 workers, access log on), wrk -t2 -c50.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 ROOT=$PWD
 ROUNDS=${ROUNDS:-6}
 DURATION=${DURATION:-8}
@@ -23,7 +24,6 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 export MIMALLOC_ARENA_EAGER_COMMIT=${MIMALLOC_ARENA_EAGER_COMMIT:-0}
 SB=$CARGO_TARGET_DIR/release/switchboard
 export PATH="$PATH:/usr/sbin"
-log() { printf '== %s\n' "$*" >&2; }
 
 for tool in nginx wrk curl; do
   command -v "$tool" >/dev/null || { log "needs $tool (bench/gateway.sh installs nginx and wrk)"; exit 1; }
@@ -41,14 +41,6 @@ cleanup() {
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
-wait_port() {
-  for _ in $(seq 1 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  log "port $1 did not open"; exit 1
-}
-
 cp bench/peers/nginx-backend.conf "$RUN/"
 nginx -p "$RUN" -c "$RUN/nginx-backend.conf" -e "$RUN/backend-error.log"
 wait_port 18080
@@ -68,7 +60,6 @@ if [ -n "$BASE" ]; then
   targets+=(base); PORT[base]=18084; PIDOF[base]=base
 fi
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 TICK=$(getconf CLK_TCK)
 
 # One run: prints "req_per_s cpu_us_per_request".
@@ -106,7 +97,6 @@ for r in $(seq 1 "$ROUNDS"); do
   done
 done
 
-median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 declare -A RPS US
 for t in "${targets[@]}"; do
   RPS[$t]=$(awk -v t="$t" '$1==t {print $2}' "$RUN/results" | median)

@@ -18,6 +18,7 @@
 # Installs nginx, haproxy and wrk with apt-get when missing (needs root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 ROOT=$PWD
 ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-10}
@@ -31,7 +32,6 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 export MIMALLOC_ARENA_EAGER_COMMIT=${MIMALLOC_ARENA_EAGER_COMMIT:-0}
 SB=$CARGO_TARGET_DIR/release/switchboard
 
-log() { printf '== %s\n' "$*" >&2; }
 
 need=()
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
@@ -64,14 +64,6 @@ cleanup() {
   [ -n "${KEEP_LOGS:-}" ] || rm -f "$RUN"/switchboard*-access.log "$RUN/proxy-access.log"
 }
 trap cleanup EXIT
-
-wait_port() {
-  for _ in $(seq 1 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  log "port $1 did not open"; exit 1
-}
 
 mkdir -p "$RUN/logs"
 cp "$PEERS"/nginx-backend.conf "$PEERS"/nginx-proxy.conf "$PEERS"/haproxy.cfg "$PEERS"/switchboard.toml "$RUN/"
@@ -114,17 +106,6 @@ proxy_pids() {
   esac
 }
 
-# utime+stime in clock ticks, summed over the given pids.
-cpu_ticks() {
-  local sum=0 p line f
-  for p in "$@"; do
-    line=$(cat "/proc/$p/stat" 2>/dev/null) || continue
-    # Fields after the ")" that ends the command name: utime is the 12th, stime the 13th.
-    read -r -a f <<<"${line##*) }"
-    sum=$((sum + f[11] + f[12]))
-  done
-  echo "$sum"
-}
 HZ=$(getconf CLK_TCK)
 
 # One wrk run: prints "req_per_s p99_ms cpu_us_per_req".
@@ -160,7 +141,6 @@ for r in $(seq 1 "$ROUNDS"); do
   done
 done
 
-median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 
 declare -A RPS P99 CPU
 for t in "${targets[@]}"; do

@@ -12,6 +12,7 @@
 # median CPU microseconds per request and the median requests/s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 ROOT=$PWD
 ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-10}
@@ -24,7 +25,6 @@ export PATH="$PATH:/usr/sbin"
 command -v wrk >/dev/null && command -v nginx >/dev/null || {
   echo "needs wrk and nginx (bench/gateway.sh installs them)" >&2; exit 2; }
 
-log() { printf '== %s\n' "$*" >&2; }
 pid=
 cleanup() {
   [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
@@ -33,20 +33,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_port() {
-  for _ in $(seq 1 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  log "port $1 did not open"; exit 1
-}
-
 cp "$PEERS"/nginx-backend.conf "$PEERS"/switchboard.toml "$RUN/"
 nginx -p "$RUN" -c "$RUN/nginx-backend.conf" -e "$RUN/backend-error.log"
 wait_port 18080
 
-# utime+stime of PID in clock ticks.
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
 
 for r in $(seq 1 "$ROUNDS"); do
@@ -58,9 +48,9 @@ for r in $(seq 1 "$ROUNDS"); do
     pid=$!
     wait_port 18083
     wrk -t2 -c"$CONNS" -d2s "http://127.0.0.1:18083/users/42" >/dev/null
-    before=$(ticks "$pid")
+    before=$(cpu_ticks "$pid")
     out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" "http://127.0.0.1:18083/users/42")
-    after=$(ticks "$pid")
+    after=$(cpu_ticks "$pid")
     reqs=$(awk '/requests in/ {print $1}' <<<"$out")
     rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
     us=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$reqs" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
@@ -70,7 +60,6 @@ for r in $(seq 1 "$ROUNDS"); do
   done
 done
 
-median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 echo
 echo "CPU per request: wrk -t2 -c$CONNS -d${DURATION}s, $ROUNDS alternating rounds, medians"
 for bin in "$@"; do
