@@ -34,15 +34,20 @@ pub enum AttemptOutcome {
     Timeout,
     /// The connection broke after sending.
     Reset,
+    /// The head arrived (below 500) but the body then failed: the upstream
+    /// reset or truncated it mid-way. Recorded when the body ends, as is
+    /// `Ok` for a streamed body (a client that leaves first leaves it `Ok`).
+    BodyError,
 }
 
 impl AttemptOutcome {
-    const ALL: [AttemptOutcome; 5] = [
+    const ALL: [AttemptOutcome; 6] = [
         AttemptOutcome::Ok,
         AttemptOutcome::ServerError,
         AttemptOutcome::ConnectError,
         AttemptOutcome::Timeout,
         AttemptOutcome::Reset,
+        AttemptOutcome::BodyError,
     ];
 
     /// The label value.
@@ -53,6 +58,7 @@ impl AttemptOutcome {
             AttemptOutcome::ConnectError => "connect_error",
             AttemptOutcome::Timeout => "timeout",
             AttemptOutcome::Reset => "reset",
+            AttemptOutcome::BodyError => "body_error",
         }
     }
 }
@@ -65,7 +71,7 @@ struct RouteShard {
     buckets: [AtomicU64; 14],
     count: AtomicU64,
     sum_us: AtomicU64,
-    attempts: [AtomicU64; 5],
+    attempts: [AtomicU64; 6],
     retries: AtomicU64,
     budget_exhausted: AtomicU64,
 }
@@ -286,7 +292,7 @@ impl Metrics {
                 .copied()
                 .chain(std::iter::once(&self.no_route))
         };
-        out.push_str("# HELP switchboard_gateway_requests_total Requests answered, by route, service and status class.\n");
+        out.push_str("# HELP switchboard_gateway_requests_total Requests answered, by route, service and the status class sent (a body that broke later is outcome=\"body_error\" in switchboard_gateway_upstream_attempts_total).\n");
         out.push_str("# TYPE switchboard_gateway_requests_total counter\n");
         for s in with_none() {
             for c in 0..5 {
@@ -327,7 +333,7 @@ impl Metrics {
             );
         }
         out.push_str(
-            "# HELP switchboard_gateway_upstream_attempts_total Upstream attempts by outcome.\n",
+            "# HELP switchboard_gateway_upstream_attempts_total Upstream attempts by outcome (a streamed body's is known at its end).\n",
         );
         out.push_str("# TYPE switchboard_gateway_upstream_attempts_total counter\n");
         for s in &routes {
@@ -400,6 +406,7 @@ mod tests {
         m.request(Some(r), 503, Duration::from_secs(20));
         m.request(None, 404, Duration::from_micros(10));
         m.attempt(r, AttemptOutcome::ConnectError);
+        m.attempt(r, AttemptOutcome::BodyError);
         m.retry(r);
         m.reload(false);
         let mut s = String::new();
@@ -411,6 +418,7 @@ mod tests {
         assert!(s.contains("route=\"/users\",service=\"user-service\",le=\"0.001\"} 1"));
         assert!(s.contains("route=\"/users\",service=\"user-service\",le=\"+Inf\"} 2"));
         assert!(s.contains("outcome=\"connect_error\"} 1"));
+        assert!(s.contains("outcome=\"body_error\"} 1"));
         assert!(s.contains(
             "switchboard_gateway_retries_total{route=\"/users\",service=\"user-service\"} 1"
         ));

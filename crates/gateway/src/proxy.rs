@@ -137,6 +137,9 @@ impl Finish {
         if let (Some((permit, service)), Some(u)) = (self.verdict.take(), &self.upstream) {
             permit.record(false);
             self.gw.passive(service, u, false);
+            if let Some(r) = self.route {
+                self.gw.metrics.attempt(r, AttemptOutcome::BodyError);
+            }
         }
     }
 
@@ -149,6 +152,10 @@ impl Finish {
                 if complete {
                     permit.record(true);
                     self.gw.passive(service, u, true);
+                }
+                // The attempt itself went well as far as the upstream's part.
+                if let Some(r) = self.route {
+                    self.gw.metrics.attempt(r, AttemptOutcome::Ok);
                 }
             }
             u.outstanding.dec();
@@ -752,26 +759,33 @@ impl Gateway {
                     let server_error = status.is_server_error();
                     // A success is only known at the end of the body (an
                     // upstream can reset mid-body): the body settles it.
+                    // So is the attempt's outcome: `Finish` records it then.
+                    let mut settled_now = true;
                     if server_error || res.body().is_end_stream() {
                         permit.record(!server_error);
                         self.passive(&cfg.service, &u, !server_error);
                     } else {
                         match permit.into_owned(&u.breaker) {
-                            Ok(p) => fin.verdict = Some((p, cfg.service.as_str())),
+                            Ok(p) => {
+                                fin.verdict = Some((p, cfg.service.as_str()));
+                                settled_now = false;
+                            }
                             Err(p) => {
                                 p.record(true);
                                 self.passive(&cfg.service, &u, true);
                             }
                         }
                     }
-                    self.metrics.attempt(
-                        state.series,
-                        if server_error {
-                            AttemptOutcome::ServerError
-                        } else {
-                            AttemptOutcome::Ok
-                        },
-                    );
+                    if settled_now {
+                        self.metrics.attempt(
+                            state.series,
+                            if server_error {
+                                AttemptOutcome::ServerError
+                            } else {
+                                AttemptOutcome::Ok
+                            },
+                        );
+                    }
                     let retryable = matches!(
                         status,
                         StatusCode::BAD_GATEWAY

@@ -1,6 +1,7 @@
 //! An upstream that sends its response head and then fails mid-body is
 //! charged with the failure: its breaker opens and traffic moves to the
-//! healthy instance. A client that leaves mid-body charges nobody.
+//! healthy instance, and the attempt is counted as `outcome="body_error"`,
+//! not `ok`. A client that leaves mid-body charges nobody.
 
 mod support;
 
@@ -88,6 +89,45 @@ async fn breaker_of(h: &Harness, addr: SocketAddr) -> Value {
         .unwrap_or_else(|| panic!("no breaker for {addr} in {list}"))
 }
 
+/// `switchboard_gateway_upstream_attempts_total` of route `/` by outcome.
+async fn attempts(h: &Harness, outcome: &str) -> u64 {
+    let text = h
+        .client
+        .get(h.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!(
+        "switchboard_gateway_upstream_attempts_total{{route=\"/\",service=\"s\",outcome=\"{outcome}\"}} "
+    );
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"));
+    line.parse().unwrap()
+}
+
+/// Waits (up to 2 s) until the attempt counters are `(ok, body_error)`: an
+/// `ok` is recorded when the gateway drops the body, just after the client
+/// has read its end.
+async fn expect_attempts(h: &Harness, ok: u64, body_error: u64) {
+    let mut seen = (0, 0);
+    for _ in 0..100 {
+        seen = (attempts(h, "ok").await, attempts(h, "body_error").await);
+        if seen == (ok, body_error) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "attempts (ok, body_error) = {seen:?}, expected {:?}",
+        (ok, body_error)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn midbody_reset_opens_the_breaker_and_traffic_moves() {
     let good = Backend::start("good").await;
@@ -98,7 +138,9 @@ async fn midbody_reset_opens_the_breaker_and_traffic_moves() {
     );
     let h = Harness::start(&cfg).await;
     let mut broken = 0;
+    let mut sent = 0;
     for _ in 0..60 {
+        sent += 1;
         let res = h.client.get(h.url("/x")).send().await.unwrap();
         assert_eq!(res.status(), 200, "the head arrived from either instance");
         if res.bytes().await.is_err() {
@@ -136,6 +178,8 @@ async fn midbody_reset_opens_the_breaker_and_traffic_moves() {
         before,
         "the ejected instance got traffic"
     );
+    // Each truncated body is one attempt with outcome body_error, never ok.
+    expect_attempts(&h, sent + 20 - broken, broken).await;
     h.gw.shutdown().await;
 }
 
@@ -168,6 +212,8 @@ async fn a_client_leaving_midbody_does_not_count_against_the_upstream() {
         b = breaker_of(&h, slow).await;
     }
     assert_eq!(b["outstanding"], 0, "the abandoned requests ended: {b}");
+    // The upstream did nothing wrong: six ok attempts, no body error.
+    expect_attempts(&h, 6, 0).await;
     assert_eq!(
         (b["state"].as_str(), b["failed_calls"].as_u64()),
         (Some("closed"), Some(0)),
