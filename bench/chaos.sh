@@ -2,9 +2,10 @@
 # Fault injection under load (issue 8): runs `switchboard bench chaos` scenarios
 # and exits non-zero when any of them lost something.
 #
-#   bench/chaos.sh                    # gateway (3 phases x 10 s) and bus (30 s)
+#   bench/chaos.sh                    # gateway (3 phases x 10 s), bus (30 s), registry (60 s)
 #   SECONDS_PER_PHASE=5 BUS_SECONDS=20 bench/chaos.sh
-#   SCENARIOS=gateway bench/chaos.sh  # or SCENARIOS=bus
+#   SCENARIOS=gateway bench/chaos.sh  # or SCENARIOS=bus, SCENARIOS=registry
+#   REG_INSTANCES=2000 REG_SECONDS=30 SCENARIOS=registry bench/chaos.sh
 #
 # - gateway: closed-loop GETs (CONCURRENCY clients) through a gateway whose
 #   upstreams are killed (listener and connections closed at once, as on
@@ -17,18 +18,27 @@
 #   killed and replaced every 2 s; event 100 is poison. Every acknowledged
 #   publish must be handled, side effects exactly once (idempotent consumer on
 #   the same Redis), the poison event dead-lettered. Needs redis-server.
+# - registry: two `switchboard registry` processes share a private redis-server
+#   (AOF always); REG_INSTANCES (10,000) instances register over HTTP and flap
+#   (TTL heartbeats stop and resume, deregistrations, new ports; 200 with HTTP
+#   checks against a stub whose answer flaps) for REG_SECONDS while every 10 s
+#   redis-server, registry A or registry B in turn gets SIGKILL and a restart.
+#   Then the final states are fixed and both views must equal the ground
+#   truth within 60 s: no instance stuck in a wrong state. Needs redis-server.
 #
 # The shortest versions of these cases run in CI as tests:
 # crates/gateway/tests/proxy.rs (failover_with_zero_failed_gets),
 # crates/gateway/tests/abuse.rs, crates/bus/tests/* (broker_restart_loses_nothing),
-# demo/shop/tests/redis_restart.rs.
+# demo/shop/tests/redis_restart.rs, crates/cli/tests/chaos_registry.rs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_PHASE=${SECONDS_PER_PHASE:-10}
 BUS_SECONDS=${BUS_SECONDS:-30}
 CONCURRENCY=${CONCURRENCY:-32}
 RATE=${RATE:-500}
-SCENARIOS=${SCENARIOS:-"gateway bus"}
+REG_INSTANCES=${REG_INSTANCES:-10000}
+REG_SECONDS=${REG_SECONDS:-60}
+SCENARIOS=${SCENARIOS:-"gateway bus registry"}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 
 cargo build --release -q -p switchboard
@@ -43,6 +53,9 @@ for s in $SCENARIOS; do
     bus)
       SWITCHBOARD_LOG=error "$BIN" bench chaos bus --seconds "$BUS_SECONDS" --rate "$RATE" --json \
         || failed+=(bus) ;;
+    registry)
+      SWITCHBOARD_LOG=error "$BIN" bench chaos registry --instances "$REG_INSTANCES" \
+        --seconds "$REG_SECONDS" --json || failed+=(registry) ;;
     *) echo "unknown scenario $s" >&2; exit 2 ;;
   esac
 done

@@ -19,7 +19,8 @@
 //! # Layout
 //! - [`RedisServer`]: one `redis-server`, without persistence or with AOF `appendfsync always`.
 //! - [`NatsServer`]: one `nats-server -js` with file storage in a temp dir.
-//! - [`require_servers`], [`free_port`]: the skip policy and port picking.
+//! - [`require_servers`], [`free_port`], [`binary_or_skip`]: the skip policy, port picking
+//!   and the binary lookup.
 //!
 //! A server is stopped with `kill -9` when its handle drops.
 
@@ -61,9 +62,11 @@ fn find_binary(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Resolves a server binary, or decides to skip (returns `None` after printing why)
-/// or fail (panics) when it is missing.
-fn binary_or_skip(name: &str) -> Option<PathBuf> {
+/// Resolves a server binary (`redis-server`, `nats-server`), or decides to skip
+/// (returns `None` after printing why) or fail (panics) when it is missing.
+/// For tests that hand the binary to a program that manages the server itself
+/// (`switchboard bench chaos registry --redis-server PATH`).
+pub fn binary_or_skip(name: &str) -> Option<PathBuf> {
     if let Some(path) = find_binary(name) {
         return Some(path);
     }

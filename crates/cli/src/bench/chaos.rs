@@ -1,4 +1,4 @@
-//! `switchboard bench chaos gateway|bus`: fault injection under load
+//! `switchboard bench chaos gateway|bus|registry`: fault injection under load
 //! (issue 8). Each scenario holds a closed-loop load, injects its faults on a
 //! schedule, counts what was lost and prints one line per phase (and with
 //! `--json` one JSON object as the last line). It exits non-zero when
@@ -15,6 +15,11 @@
 //!   killed and restarted, and a poison event is published: every
 //!   acknowledged publish must be handled, side effects (recorded through
 //!   an idempotency key) exactly once, and the poison event dead-lettered.
+//! - `registry` ([`registry`]): two registry processes on one Redis, 10,000
+//!   flapping instances, Redis and each registry killed in turn: both views
+//!   must converge to the ground truth, no instance stuck in a wrong state.
+
+mod registry;
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -47,6 +52,8 @@ enum Scenario {
     Gateway(GatewayChaos),
     /// redis-server kill -9 and restart (AOF always), consumers killed, a poison event.
     Bus(BusChaos),
+    /// Two registries sharing one Redis, flapping instances, Redis and registries killed.
+    Registry(registry::RegistryChaos),
 }
 
 /// `switchboard bench chaos gateway`.
@@ -97,6 +104,7 @@ pub fn run(args: ChaosArgs) -> anyhow::Result<()> {
     match args.scenario {
         Scenario::Gateway(a) => rt.block_on(gateway(&a)),
         Scenario::Bus(a) => rt.block_on(bus(&a)),
+        Scenario::Registry(a) => rt.block_on(registry::run(&a)),
     }
 }
 
