@@ -12,12 +12,19 @@
 //! `inventory_confirmed` first. Each transition is published as
 //! `order.<status>` with the id `<order id>/<status>`: a redelivered fact
 //! republishes the very same events, which consumers' inboxes drop.
+//!
+//! `Idempotency-Key` is kept twice: the service's key layer replays the
+//! stored answer, and the orders store keeps one order per key. The second
+//! covers an instance killed after it stored the order but before it
+//! answered (the gateway retries a keyed POST on another instance, and the
+//! key layer forgot the key with the killed request): the repeat gets the
+//! same order and publishes its `order.created` again (same event id).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -133,6 +140,19 @@ impl Fact {
 #[derive(Debug, Clone, Default)]
 pub struct Orders {
     orders: Arc<Mutex<HashMap<String, Order>>>,
+    /// Idempotency-Key -> order id: the unique constraint that keeps one
+    /// order per key when the request is repeated after the instance that
+    /// placed it died before answering (the key layer has forgotten the key then).
+    keys: Arc<Mutex<HashMap<String, String>>>,
+}
+
+/// What [`Orders::create_once`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Created {
+    /// A new order.
+    New(Order),
+    /// The order an earlier request with the same key placed.
+    Existing(Order),
 }
 
 impl Orders {
@@ -144,22 +164,28 @@ impl Orders {
         total_cents: u64,
         request_id: String,
     ) -> Order {
-        let order = Order {
-            id: crate::new_id("ord"),
-            user_id,
-            items,
-            total_cents,
-            request_id,
-            status: Status::Pending,
-            history: vec![Step {
-                status: Status::Pending,
-                at: crate::now(),
-                cause: "POST /orders".into(),
-                reason: None,
-            }],
-        };
+        let order = new_order(user_id, items, total_cents, request_id);
         self.orders.lock().insert(order.id.clone(), order.clone());
         order
+    }
+
+    /// Like [`Orders::create`], once per `key`: a second call with the same
+    /// key returns the first order (whatever the other arguments).
+    pub fn create_once(
+        &self,
+        key: &str,
+        user_id: String,
+        items: Vec<Item>,
+        total_cents: u64,
+        request_id: String,
+    ) -> Created {
+        let mut keys = self.keys.lock();
+        if let Some(existing) = keys.get(key).and_then(|id| self.get(id)) {
+            return Created::Existing(existing);
+        }
+        let order = self.create(user_id, items, total_cents, request_id);
+        keys.insert(key.to_owned(), order.id.clone());
+        Created::New(order)
     }
 
     /// Forgets an order whose `order.created` could not be published.
@@ -170,6 +196,11 @@ impl Orders {
     /// An order by id.
     pub fn get(&self, id: &str) -> Option<Order> {
         self.orders.lock().get(id).cloned()
+    }
+
+    /// Every order, in no particular order.
+    pub fn all(&self) -> Vec<Order> {
+        self.orders.lock().values().cloned().collect()
     }
 
     /// Number of orders in each status.
@@ -235,6 +266,23 @@ impl Orders {
     }
 }
 
+fn new_order(user_id: String, items: Vec<Item>, total_cents: u64, request_id: String) -> Order {
+    Order {
+        id: crate::new_id("ord"),
+        user_id,
+        items,
+        total_cents,
+        request_id,
+        status: Status::Pending,
+        history: vec![Step {
+            status: Status::Pending,
+            at: crate::now(),
+            cause: "POST /orders".into(),
+            reason: None,
+        }],
+    }
+}
+
 /// The body of `POST /orders`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -283,7 +331,7 @@ pub fn router(orders: Orders, ctx: Context, keys: IdempotencyStore) -> Router {
         .with_state(state)
 }
 
-async fn place(State(app): State<AppState>, body: Bytes) -> Response {
+async fn place(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let new: NewOrder = match serde_json::from_slice(&body) {
         Ok(n) => n,
         Err(e) => return problem(StatusCode::UNPROCESSABLE_ENTITY, &format!("body: {e}")),
@@ -336,30 +384,69 @@ async fn place(State(app): State<AppState>, body: Bytes) -> Response {
     let request_id = Correlation::current()
         .map(|c| c.request_id().to_owned())
         .unwrap_or_default();
-    let order = app
-        .orders
-        .create(new.user_id, new.items, total_cents, request_id);
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let (order, repeat) = match &key {
+        None => (
+            app.orders
+                .create(new.user_id, new.items, total_cents, request_id),
+            false,
+        ),
+        Some(key) => match app.orders.create_once(
+            key,
+            new.user_id.clone(),
+            new.items.clone(),
+            total_cents,
+            request_id,
+        ) {
+            Created::New(order) => (order, false),
+            // The instance that ran the first request died before answering
+            // (or before publishing): answer with its order and publish again.
+            Created::Existing(order)
+                if order.user_id == new.user_id && order.items == new.items =>
+            {
+                (order, true)
+            }
+            Created::Existing(_) => {
+                return problem(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "this Idempotency-Key was already used with a different request",
+                );
+            }
+        },
+    };
     let created = OrderCreated {
         order_id: order.id.clone(),
         user_id: order.user_id.clone(),
         items: order.items.clone(),
-        total_cents,
+        total_cents: order.total_cents,
     };
+    // A deterministic id: publishing again (a repeat) is dropped by inboxes.
     let event_id = format!("{}/{}", order.id, events::ORDER_CREATED);
     if let Err(e) = app
         .ctx
         .publish(events::ORDER_CREATED, event_id, &created)
         .await
     {
-        // Nothing happened yet: forget the order so that a retry starts clean.
-        app.orders.remove(&order.id);
+        if key.is_none() {
+            // Nothing happened yet: forget the order so that a retry starts clean.
+            app.orders.remove(&order.id);
+        }
+        // With a key the order stays: the event may have been stored before
+        // the error, and the client's repeat with the key publishes it again.
         tracing::warn!(order_id = %order.id, error = %e, "order.created not published");
         return problem(
             StatusCode::SERVICE_UNAVAILABLE,
             "the event bus is unavailable",
         );
     }
-    tracing::info!(order_id = %order.id, user_id = %order.user_id, total_cents, "order placed");
+    if repeat {
+        tracing::info!(order_id = %order.id, "order placed before; order.created published again");
+    } else {
+        tracing::info!(order_id = %order.id, user_id = %order.user_id, total_cents, "order placed");
+    }
     let location = format!("/orders/{}", order.id);
     (
         StatusCode::CREATED,
@@ -486,6 +573,25 @@ mod tests {
         let late = orders.apply(&id, &Fact::InventoryReserved).unwrap();
         assert!(late.is_empty());
         assert_eq!(orders.get(&id).unwrap().status, Status::Cancelled);
+    }
+
+    #[test]
+    fn one_order_per_idempotency_key() {
+        let orders = Orders::default();
+        let items = vec![Item {
+            sku: "widget".into(),
+            qty: 1,
+        }];
+        let Created::New(first) =
+            orders.create_once("k1", "usr_1".into(), items.clone(), 250, "r1".into())
+        else {
+            panic!("the first call creates");
+        };
+        let again = orders.create_once("k1", "usr_1".into(), items.clone(), 250, "r2".into());
+        assert_eq!(again, Created::Existing(first.clone()));
+        let other = orders.create_once("k2", "usr_1".into(), items, 250, "r3".into());
+        assert!(matches!(other, Created::New(o) if o.id != first.id));
+        assert_eq!(orders.all().len(), 2);
     }
 
     #[test]

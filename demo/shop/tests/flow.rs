@@ -149,6 +149,43 @@ async fn the_same_idempotency_key_twice_creates_one_order() {
     shop.shutdown().await;
 }
 
+/// Regression (found by the shop soak): an orders instance killed after it
+/// stored an order but before it answered left the key forgotten by the key
+/// layer; the gateway's retry with the key placed a second order (two
+/// charges), and an order stored but never published stayed `pending`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_after_a_killed_first_attempt_gets_the_same_order() {
+    let shop = run(DemoOptions::for_tests()).await.unwrap();
+    let api = Api::new(shop.gateway_addr().unwrap());
+    let user = api.create_user().await;
+    // What the killed attempt left: the order stored, nothing published,
+    // no answer stored by the key layer.
+    let items = vec![events::Item {
+        sku: "widget".into(),
+        qty: 1,
+    }];
+    let switchboard_shop::orders::Created::New(first) =
+        shop.data()
+            .orders
+            .create_once("killed-once", user.clone(), items, 250, "req-1".into())
+    else {
+        panic!("a new key creates an order");
+    };
+    let key = [("idempotency-key", "killed-once")];
+    let repeat = api.place_order(&user, 1, &key).await;
+    assert_eq!(repeat["id"], first.id.as_str(), "{repeat}");
+    // Published again: the order ends instead of staying pending.
+    let done = api.wait_final(&first.id, Duration::from_secs(2)).await;
+    assert_eq!(done["status"], "confirmed", "{done}");
+    let (_, stats) = api.get("/orders/stats").await;
+    assert_eq!(stats, json!({"confirmed": 1}), "one order, one charge");
+    assert_eq!(shop.data().payments.len(), 1);
+    // The same key with another body is still refused.
+    let body = json!({"user_id": user, "items": [{"sku": "widget", "qty": 2}]});
+    assert_eq!(api.post("/orders", &body, &key).await.0, 422);
+    shop.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_request_id_reaches_every_event_and_every_service_log() {
     let logs = logs();
