@@ -255,38 +255,72 @@ impl DemoHandle {
         }
     }
 
+    /// The options the shop runs with.
+    pub fn options(&self) -> &DemoOptions {
+        &self.options
+    }
+
     /// Starts `instances` instances of `service` (registry name or short name).
     /// Restarted instances reuse their ids, so the bus hands them what their
     /// killed predecessors left unacknowledged at once.
     pub async fn start(&mut self, service: &str) -> anyhow::Result<()> {
         let name = service_name(service)?;
+        for i in 1..=self.options.instances {
+            self.start_one(name, i).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts one instance by id (`<service>-<n>`, as [`DemoHandle::instances`]
+    /// lists them), e.g. after [`DemoHandle::kill_instance`].
+    pub async fn start_instance(&mut self, instance_id: &str) -> anyhow::Result<()> {
+        let (name, i) = self.parse_instance(instance_id)?;
+        anyhow::ensure!(
+            !self.services.iter().any(|s| s.instance_id() == instance_id),
+            "instance {instance_id} is already running"
+        );
+        self.start_one(name, i).await
+    }
+
+    fn parse_instance(&self, instance_id: &str) -> anyhow::Result<(&'static str, usize)> {
+        SERVICES
+            .iter()
+            .flat_map(|(_, name)| (1..=self.options.instances).map(move |i| (*name, i)))
+            .find(|(name, i)| format!("{name}-{i}") == instance_id)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "unknown instance {instance_id:?}: expected <service>-<1..={}>",
+                    self.options.instances
+                )
+            })
+    }
+
+    async fn start_one(&mut self, name: &'static str, i: usize) -> anyhow::Result<()> {
         let offset = SERVICES
             .iter()
             .position(|(_, n)| *n == name)
             .expect("known service");
-        for i in 1..=self.options.instances {
-            let port = self.options.base_port.map_or(0, |base| {
-                base + 10 * u16::try_from(offset).unwrap_or(0) + u16::try_from(i).unwrap_or(0)
-            });
-            let listen = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
-            let options = SubscribeOptions::default()
-                .ack_wait(Duration::from_secs(5))
-                .max_deliveries(20)
-                .max_in_flight(256);
-            let running = self
-                .builder(name)
-                .instance_id(format!("{name}-{i}"))
-                .listen(listen)
-                .registry(self.registry.clone())
-                .bus(self.bus.clone())
-                .inbox(Arc::clone(&self.inboxes[name]))
-                .subscribe_options(options)
-                .ttl(self.options.ttl)
-                .start()
-                .await
-                .with_context(|| format!("start {name}-{i} on {listen}"))?;
-            self.services.push(running);
-        }
+        let port = self.options.base_port.map_or(0, |base| {
+            base + 10 * u16::try_from(offset).unwrap_or(0) + u16::try_from(i).unwrap_or(0)
+        });
+        let listen = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+        let options = SubscribeOptions::default()
+            .ack_wait(Duration::from_secs(5))
+            .max_deliveries(20)
+            .max_in_flight(256);
+        let running = self
+            .builder(name)
+            .instance_id(format!("{name}-{i}"))
+            .listen(listen)
+            .registry(self.registry.clone())
+            .bus(self.bus.clone())
+            .inbox(Arc::clone(&self.inboxes[name]))
+            .subscribe_options(options)
+            .ttl(self.options.ttl)
+            .start()
+            .await
+            .with_context(|| format!("start {name}-{i} on {listen}"))?;
+        self.services.push(running);
         Ok(())
     }
 
@@ -301,6 +335,18 @@ impl DemoHandle {
         for s in dead {
             s.kill();
         }
+        Ok(())
+    }
+
+    /// Kills one instance like a crash (see [`DemoHandle::kill`]);
+    /// [`DemoHandle::start_instance`] brings it back.
+    pub fn kill_instance(&mut self, instance_id: &str) -> anyhow::Result<()> {
+        let at = self
+            .services
+            .iter()
+            .position(|s| s.instance_id() == instance_id)
+            .ok_or_else(|| anyhow::anyhow!("no running instance {instance_id:?}"))?;
+        self.services.swap_remove(at).kill();
         Ok(())
     }
 

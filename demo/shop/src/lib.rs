@@ -15,12 +15,16 @@
 //!   its "database" (shared by its instances in this process), routes and handlers.
 //! - [`demo`]: [`demo::run`] starts registry, bus, gateway and two instances of
 //!   each service, as `switchboard demo` does.
+//! - [`soak`]: mixed traffic under instance and broker kills, then the count
+//!   (every accepted order ended, stock and money add up), for
+//!   `switchboard bench chaos shop` and the soak test.
 
 pub mod demo;
 pub mod events;
 pub mod inventory;
 pub mod orders;
 pub mod payments;
+pub mod soak;
 pub mod users;
 
 use axum::http::{HeaderValue, StatusCode, header};

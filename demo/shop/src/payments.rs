@@ -94,6 +94,11 @@ impl Payments {
         self.ledger.lock().get(order_id).cloned()
     }
 
+    /// Every decided payment, by order id.
+    pub fn all(&self) -> HashMap<String, Payment> {
+        self.ledger.lock().clone()
+    }
+
     /// Number of payments decided.
     pub fn len(&self) -> usize {
         self.ledger.lock().len()

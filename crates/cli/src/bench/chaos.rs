@@ -1,4 +1,4 @@
-//! `switchboard bench chaos gateway|bus|registry`: fault injection under load
+//! `switchboard bench chaos gateway|bus|registry|shop`: fault injection under load
 //! (issue 8). Each scenario holds a closed-loop load, injects its faults on a
 //! schedule, counts what was lost and prints one line per phase (and with
 //! `--json` one JSON object as the last line). It exits non-zero when
@@ -18,8 +18,12 @@
 //! - `registry` ([`registry`]): two registry processes on one Redis, 10,000
 //!   flapping instances, Redis and each registry killed in turn: both views
 //!   must converge to the ground truth, no instance stuck in a wrong state.
+//! - `shop` ([`shop`]): the demo shop under mixed traffic while service
+//!   instances and redis-server are killed: every accepted order must end
+//!   `confirmed` or `cancelled`, stock and payments must add up.
 
 mod registry;
+mod shop;
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -54,6 +58,8 @@ enum Scenario {
     Bus(BusChaos),
     /// Two registries sharing one Redis, flapping instances, Redis and registries killed.
     Registry(registry::RegistryChaos),
+    /// The demo shop under mixed traffic, instance and redis-server kills: every order ends.
+    Shop(shop::ShopChaos),
 }
 
 /// `switchboard bench chaos gateway`.
@@ -105,6 +111,7 @@ pub fn run(args: ChaosArgs) -> anyhow::Result<()> {
         Scenario::Gateway(a) => rt.block_on(gateway(&a)),
         Scenario::Bus(a) => rt.block_on(bus(&a)),
         Scenario::Registry(a) => rt.block_on(registry::run(&a)),
+        Scenario::Shop(a) => rt.block_on(shop::run(&a)),
     }
 }
 

@@ -20,8 +20,9 @@ pub enum BenchCommand {
     /// Gateway: requests/s and p50/p99 through the proxy, in one process (see bench/gateway.sh for nginx/HAProxy).
     Gateway(gateway::GatewayArgs),
     /// Fault injection under load: `chaos gateway` (upstreams killed, black-holed, slow,
-    /// resetting), `chaos bus` (redis-server kill -9, consumers killed, a poison event) and
-    /// `chaos registry` (two registries on one Redis, flapping instances, kills).
+    /// resetting), `chaos bus` (redis-server kill -9, consumers killed, a poison event),
+    /// `chaos registry` (two registries on one Redis, flapping instances, kills) and
+    /// `chaos shop` (the demo shop soaked under instance and redis-server kills).
     Chaos(chaos::ChaosArgs),
 }
 
