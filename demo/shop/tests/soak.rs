@@ -37,7 +37,7 @@ async fn a_short_soak_with_kills_ends_every_order() {
     let soak_options = SoakOptions {
         duration: Duration::from_secs(8),
         clients: 4,
-        kill_every: Duration::from_millis(2500),
+        kill_every: Duration::from_millis(1500),
         down_for: Duration::from_millis(500),
         broker_kill_every: Some(Duration::from_secs(5)),
         decline_every: Duration::from_secs(2),
