@@ -14,8 +14,8 @@
 use std::time::Duration;
 
 use anyhow::bail;
-use switchboard_shop::soak::{Broker, SoakOptions, soak};
 use switchboard_shop::DemoOptions;
+use switchboard_shop::soak::{Broker, SoakOptions, soak};
 
 use super::Redis;
 
