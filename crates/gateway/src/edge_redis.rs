@@ -53,7 +53,7 @@ impl RedisHandle {
     /// A handle for `url` (`redis://HOST:PORT[/DB]`); only the URL is checked here.
     /// Errors and logs name the URL without its password.
     pub fn new(url: &str) -> Result<Self, String> {
-        let shown = switchboard_registry::redact_url(url);
+        let shown = switchboard_resilience::redact::redact_url(url);
         let client = redis::Client::open(url).map_err(|e| format!("`{shown}`: {e}"))?;
         Ok(Self {
             url: shown,

@@ -116,7 +116,7 @@ pub fn check_store_url(s: &str) -> Result<(), String> {
     if s == "memory://" {
         return Ok(());
     }
-    let shown = switchboard_registry::redact_url(s);
+    let shown = switchboard_resilience::redact::redact_url(s);
     if s.starts_with("redis://") {
         return redis::Client::open(s)
             .map(|_| ())

@@ -71,6 +71,9 @@
 //! - [`rate_limit`]: GCRA on `governor`: `RateLimiter`, `KeyedRateLimiter`
 //!   (bounded memory), `RateLimitLayer`, `KeyedRateLimitLayer`, `RateLimited`.
 //!
+//! - [`redact`]: `redact_url`, the one rule for showing connection URLs
+//!   without their credentials (used by the registry, the bus and the gateway).
+//!
 //! - [`clock`]: where time comes from: `tokio::time::Instant` (so tests run
 //!   on virtual time with `tokio::time::pause`), or an opt-in [`clock::CoarseClock`]
 //!   for processes that read the time on every request.
@@ -105,5 +108,6 @@ pub mod breaker;
 pub mod bulkhead;
 pub mod clock;
 pub mod rate_limit;
+pub mod redact;
 pub mod retry;
 pub mod timeout;

@@ -34,19 +34,7 @@ pub(crate) async fn open(url: &str) -> Result<Backend, BusError> {
     })
 }
 
-/// `url` with its userinfo (user and password) replaced by `***`, for error
-/// messages and logs. Hand-written because the `url` crate would reject the
-/// very URLs whose errors need it.
-pub(crate) fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..end].rfind('@') {
-        Some(at) => format!("{scheme}://***{}", &rest[at..]),
-        None => url.to_owned(),
-    }
-}
+pub(crate) use switchboard_resilience::redact::redact_url;
 
 async fn open_inner(url: &str) -> Result<Backend, BusError> {
     let invalid = |reason: &str| BusError::InvalidUrl {
@@ -236,18 +224,7 @@ mod tests {
 
 #[cfg(test)]
 mod redact_tests {
-    use super::redact_url;
     use crate::{Bus, BusError};
-
-    #[test]
-    fn userinfo_is_hidden() {
-        assert_eq!(
-            redact_url("redis://:hunter2@127.0.0.1:6379/0?block=5ms"),
-            "redis://***@127.0.0.1:6379/0?block=5ms"
-        );
-        assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
-        assert_eq!(redact_url("no scheme"), "no scheme");
-    }
 
     #[tokio::test]
     async fn open_errors_never_show_a_password() {

@@ -25,8 +25,8 @@
 //! `Authorization: Bearer TOKEN` (compared in constant time); the page asks for the token and sends it
 //! with `fetch` (the browser's `EventSource` cannot set headers, so the page
 //! reads the stream with `fetch` rather than putting the token in a URL).
-//! URLs shown on the page lose their userinfo and query
-//! ([`redact_url`]); no token is ever part of a frame.
+//! URLs shown on the page lose their userinfo and credential-like query
+//! values ([`redact_url`]); no token is ever part of a frame.
 //!
 //! # Layout
 //! - `mod.rs`: [`Dashboard`], what it is given ([`Sources`]), the routes.
@@ -48,6 +48,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::breaker::BreakerEvent;
 use crate::proxy::Gateway;
+pub use switchboard_resilience::redact::redact_url;
 
 /// How many seconds of history the dashboard keeps and draws.
 pub const HISTORY_SECONDS: usize = 300;
@@ -274,64 +275,4 @@ pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// `url` without userinfo, query or fragment: `redis://user:pw@h:6379/0?x=1`
-/// becomes `redis://h:6379/0`. Text without `://` is returned up to any `?`
-/// or `#`, and with anything before an `@` removed.
-pub fn redact_url(url: &str) -> String {
-    let cut = url.find(['?', '#']).unwrap_or(url.len());
-    let url = &url[..cut];
-    let (scheme, rest) = match url.split_once("://") {
-        Some((s, r)) => (Some(s), r),
-        None => (None, url),
-    };
-    let auth_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(auth_end);
-    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    match scheme {
-        Some(s) => format!("{s}://{host}{path}"),
-        None => format!("{host}{path}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn redacts_credentials() {
-        assert_eq!(
-            redact_url("redis://user:s3cret@10.0.0.1:6379/0?password=x"),
-            "redis://10.0.0.1:6379/0"
-        );
-        assert_eq!(redact_url("nats://tok@h:4222"), "nats://h:4222");
-        assert_eq!(redact_url("memory://shop"), "memory://shop");
-        assert_eq!(redact_url("memory://"), "memory://");
-        assert_eq!(redact_url("a:b@host/x#frag"), "host/x");
-    }
-
-    proptest! {
-        #[test]
-        fn redacted_urls_keep_no_secret(
-            scheme in "[a-z+]{1,10}",
-            user in "[a-zA-Z0-9]{1,10}",
-            secret in "[a-zA-Z0-9]{12,20}",
-            host in "[a-z]{1,10}(:[0-9]{1,5})?",
-            path in "(/[a-z0-9]{0,8}){0,2}",
-            query in "(\\?[a-z]{1,5}=[a-zA-Z0-9]{12,20})?",
-        ) {
-            let url = format!("{scheme}://{user}:{secret}@{host}{path}{query}");
-            let out = redact_url(&url);
-            prop_assert!(!out.contains(&secret), "{out}");
-            prop_assert!(!out.contains('@'));
-            prop_assert_eq!(out, format!("{scheme}://{host}{path}"));
-        }
-
-        #[test]
-        fn redact_never_panics(s in "\\PC{0,60}") {
-            let _ = redact_url(&s);
-        }
-    }
 }
