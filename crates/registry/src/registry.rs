@@ -372,7 +372,7 @@ impl Registry {
         if let Some(existing) = self.inner.same_registration(&slot, id, &registration) {
             if let Store::Redis(store) = &self.inner.store {
                 // Re-registration is also how clients repair a Redis that lost its data.
-                store.ensure(&slot.name, id, &existing).await?;
+                store.ensure(&slot.name, id, &existing, true).await?;
             }
             return Ok(self.inner.instance(&slot, id).expect("just checked"));
         }

@@ -308,3 +308,108 @@ async fn blocking_query_on_one_server_sees_a_write_through_another() {
         answered - written
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_ttl_instance_stays_critical_when_redis_is_restored() {
+    // Found by `switchboard bench chaos registry --redis-loses-data`.
+    let Some(mut redis) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    let a = open(&redis.url()).await;
+    let b = open(&redis.url()).await;
+    let ttl = |port| {
+        Registration::new("127.0.0.1", port).check(CheckSpec::ttl(Duration::from_millis(400)))
+    };
+    a.register("inv", "dead", ttl(4100)).await.unwrap();
+    a.register("inv", "alive", ttl(4101)).await.unwrap();
+    let st = |r: &Registry, id: &str| {
+        r.view("inv")
+            .and_then(|v| v.instances.iter().find(|i| i.id == id).map(|i| i.status))
+    };
+    let beat = async |r: &Registry| {
+        let _ = r.heartbeat("inv", "alive").await;
+    };
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(1200) {
+        beat(&a).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(st(&a, "dead"), Some(Status::Critical));
+    assert_eq!(st(&b, "dead"), Some(Status::Critical));
+    assert_eq!(st(&b, "alive"), Some(Status::Passing));
+
+    redis.restart(); // empty: the processes write back what they know
+    let restarted = Instant::now();
+    let url = redis.url();
+    let watch_until = Instant::now() + Duration::from_secs(3);
+    let mut restored = false;
+    while Instant::now() < watch_until {
+        beat(&b).await;
+        for r in [&a, &b] {
+            assert_eq!(
+                st(r, "dead"),
+                Some(Status::Critical),
+                "a dead instance turned passing after Redis was restored ({:?} after the restart)",
+                restarted.elapsed()
+            );
+        }
+        if !restored {
+            let fresh = open(&url).await;
+            restored = fresh.view("inv").is_some_and(|v| v.instances.len() == 2);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(restored, "redis was not restored from the processes");
+    assert_eq!(st(&a, "alive"), Some(Status::Passing));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deregistration_after_redis_lost_its_data_is_not_undone_by_a_restore() {
+    // Found by `switchboard bench chaos registry --redis-loses-data`: an
+    // instance deregistered right after Redis came back empty was written back
+    // by the other process (which still had it) and stayed forever.
+    let Some(redis) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    let slow = || RegistryOptions::default().resync_interval(Duration::from_secs(1));
+    let a = Registry::open(&redis.url(), slow()).await.unwrap();
+    let b = Registry::open(&redis.url(), slow()).await.unwrap();
+    a.register("cart", "c1", Registration::new("127.0.0.1", 7101))
+        .await
+        .unwrap();
+    a.register("cart", "c2", Registration::new("127.0.0.1", 7102))
+        .await
+        .unwrap();
+    until(&b, "cart", 3, |v| v.instances.len() == 2).await;
+
+    // Redis loses everything (no reconnect: only the periodic resyncs notice)
+    let mut raw = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut raw).await.unwrap();
+    // ... and c1 leaves before B's next resync restores what B knows
+    assert!(a.deregister("cart", "c1").await.unwrap());
+
+    // both resyncs run (1 s); c2 is restored, c1 stays gone everywhere
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let ids = |r: &Registry| -> Vec<String> {
+        let mut ids: Vec<String> = r
+            .view("cart")
+            .map(|v| v.instances.iter().map(|i| i.id.clone()).collect())
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    };
+    assert_eq!(ids(&a), ["c2"]);
+    assert_eq!(ids(&b), ["c2"]);
+    let fresh = open(&redis.url()).await;
+    assert_eq!(ids(&fresh), ["c2"]);
+
+    // a client that registers c1 again (same body) gets it back
+    b.register("cart", "c1", Registration::new("127.0.0.1", 7101))
+        .await
+        .unwrap();
+    until(&a, "cart", 3, |v| v.instances.len() == 2).await;
+}

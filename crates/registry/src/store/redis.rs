@@ -9,7 +9,13 @@
 //! - `P:epoch`: a random value created when the registry first meets an empty
 //!   Redis. A process that finds a different epoch than the one it last saw
 //!   knows Redis lost its data and writes back (`HSETNX`) every instance it knows.
-//!   An instance deregistered within one resync interval of such a loss may come back.
+//!   A restored TTL instance keeps its status: a passing one gets one TTL of
+//!   grace, a critical one stays critical until it heartbeats.
+//! - `P:gone:{service}:{id}`: a deregistration's tombstone (10 resync intervals,
+//!   at least 60 s): a restore leaves that instance out, so a process that had
+//!   not heard of the deregistration yet cannot bring it back. Only a
+//!   deregistration within a notification's delay before the loss (its
+//!   tombstone lost with the rest) can still come back.
 //! - channel `P:changes`: the name of a service that changed.
 //!
 //! # Consistency
@@ -58,6 +64,9 @@ pub(crate) struct RedisStore {
     release_script: redis::Script,
     status_script: redis::Script,
     delete_script: redis::Script,
+    ensure_script: redis::Script,
+    /// How long a deregistration's tombstone keeps restores from bringing the instance back.
+    tombstone: Duration,
 }
 
 /// An instance as stored in `P:svc:{service}`.
@@ -158,6 +167,7 @@ impl RedisStore {
                 r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
                   return 0",
             ),
+            tombstone: (opts.resync_interval * 10).max(Duration::from_secs(60)),
             status_script: redis::Script::new(
                 r"local cur = redis.call('HGET', KEYS[1], ARGV[1])
                   if not cur then return 0 end
@@ -177,8 +187,19 @@ impl RedisStore {
                   local n = redis.call('HDEL', KEYS[1], ARGV[1])
                   redis.call('HDEL', KEYS[2], ARGV[1])
                   redis.call('DEL', KEYS[3], KEYS[4])
+                  redis.call('SET', KEYS[6], '1', 'PX', ARGV[4])
                   redis.call('PUBLISH', KEYS[5], ARGV[3])
                   return n",
+            ),
+            ensure_script: redis::Script::new(
+                r"if ARGV[6] == '1' then redis.call('DEL', KEYS[5])
+                  elseif redis.call('EXISTS', KEYS[5]) == 1 then return -1 end
+                  local created = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+                  redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[3])
+                  redis.call('SADD', KEYS[3], ARGV[4])
+                  if ARGV[5] ~= '' then redis.call('SET', KEYS[4], '1', 'PX', ARGV[5], 'NX') end
+                  if created == 1 then redis.call('PUBLISH', KEYS[6], ARGV[4]) end
+                  return created",
             ),
         })
     }
@@ -202,6 +223,9 @@ impl RedisStore {
     }
     fn k_lease(&self, service: &str, id: &str) -> String {
         format!("{}:lease:{service}:{id}", self.prefix)
+    }
+    fn k_gone(&self, service: &str, id: &str) -> String {
+        format!("{}:gone:{service}:{id}", self.prefix)
     }
     fn k_epoch(&self) -> String {
         format!("{}:epoch", self.prefix)
@@ -247,6 +271,8 @@ impl RedisStore {
             )
             .ignore()
             .sadd(self.k_services(), service)
+            .ignore()
+            .del(self.k_gone(service, id))
             .ignore();
         if let Some(ttl) = Self::ttl_of(&known.reg) {
             pipe.pset_ex(self.k_hb(service, id), 1, millis_u64(ttl))
@@ -257,32 +283,44 @@ impl RedisStore {
     }
 
     /// Re-creates an instance if Redis lost it (data loss repair); keeps what is there otherwise.
+    ///
+    /// A restore (`force` false) leaves out an instance deregistered since the
+    /// loss (its tombstone is still there) and returns false for it; a client's
+    /// re-registration (`force` true) removes the tombstone and always writes.
     pub(crate) async fn ensure(
         &self,
         service: &str,
         id: &str,
         known: &Known,
-    ) -> Result<(), RegistryError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .hset_nx(self.k_svc(service), id, Self::stored_json(known)?)
-            .hset_nx(
-                self.k_status(service),
-                id,
-                status_value(known.generation, known.status, known.last_check),
-            )
-            .ignore()
-            .sadd(self.k_services(), service)
-            .ignore();
-        if let Some(ttl) = Self::ttl_of(&known.reg) {
-            pipe.pset_ex(self.k_hb(service, id), 1, millis_u64(ttl))
-                .ignore();
-        }
-        let (created,): (bool,) = bounded(pipe.query_async(&mut self.conn())).await?;
-        if created {
-            let _: () = bounded(self.conn().publish(self.channel(), service)).await?;
-        }
-        Ok(())
+        force: bool,
+    ) -> Result<bool, RegistryError> {
+        // The heartbeat key is only re-created for an instance that was passing
+        // (a grace of one TTL), and never renewed: a restore or a re-registration
+        // with the same body is not a heartbeat, and must not turn a dead TTL
+        // instance passing again (as the memory store does not either).
+        let hb_ms = match Self::ttl_of(&known.reg) {
+            Some(ttl) if known.status == Status::Passing => millis_u64(ttl).max(1).to_string(),
+            _ => String::new(),
+        };
+        let mut inv = self.ensure_script.prepare_invoke();
+        inv.key(self.k_svc(service))
+            .key(self.k_status(service))
+            .key(self.k_services())
+            .key(self.k_hb(service, id))
+            .key(self.k_gone(service, id))
+            .key(self.channel())
+            .arg(id)
+            .arg(Self::stored_json(known)?)
+            .arg(status_value(
+                known.generation,
+                known.status,
+                known.last_check,
+            ))
+            .arg(service)
+            .arg(hb_ms)
+            .arg(if force { "1" } else { "0" });
+        let n: i64 = bounded(inv.invoke_async(&mut self.conn())).await?;
+        Ok(n >= 0)
     }
 
     /// Removes an instance (only the given generation when one is given).
@@ -298,9 +336,11 @@ impl RedisStore {
             .key(self.k_hb(service, id))
             .key(self.k_lease(service, id))
             .key(self.channel())
+            .key(self.k_gone(service, id))
             .arg(id)
             .arg(generation.map(|g| g.to_string()).unwrap_or_default())
-            .arg(service);
+            .arg(service)
+            .arg(millis_u64(self.tombstone).max(1));
         let n: i64 = bounded(inv.invoke_async(&mut self.conn())).await?;
         Ok(n > 0)
     }
@@ -510,8 +550,9 @@ impl RedisStore {
             for service in inner.slot_names() {
                 if let Some(slot) = inner.existing_slot(&service) {
                     for (id, known) in inner.known(&slot) {
-                        self.ensure(&service, &id, &known).await?;
-                        restored += 1;
+                        if self.ensure(&service, &id, &known, false).await? {
+                            restored += 1;
+                        }
                     }
                 }
             }

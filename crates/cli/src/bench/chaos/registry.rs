@@ -113,7 +113,7 @@ impl RegistryProc {
     async fn spawn(&mut self) -> anyhow::Result<()> {
         let exe = std::env::current_exe().context("locating the switchboard binary")?;
         let client = RegistryClient::new(&self.base())?;
-        let until = Instant::now() + Duration::from_secs(20);
+        let until = Instant::now() + Duration::from_secs(60);
         loop {
             let log = std::fs::OpenOptions::new()
                 .create(true)
@@ -239,6 +239,10 @@ struct Shared {
     truth: Mutex<Vec<Option<Expected>>>,
     fixed: AtomicUsize,
     examples: Mutex<Vec<String>>,
+    /// Per instance: milliseconds after `epoch` since which it is registered,
+    /// acknowledged and not heartbeating (`u64::MAX`: alive, gone or unknown).
+    dead_since: Vec<AtomicU64>,
+    epoch: Instant,
 }
 
 enum Outcome {
@@ -284,6 +288,13 @@ impl Shared {
             }
             Err(_) => Outcome::Unknown,
         }
+    }
+
+    fn mark(&self, n: usize, dead_at: Option<Instant>) {
+        let ms = dead_at.map_or(u64::MAX, |t| {
+            u64::try_from(t.duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+        });
+        self.dead_since[n].store(ms, Ordering::Relaxed);
     }
 
     fn report(&self, n: usize, expected: Expected) {
@@ -340,6 +351,7 @@ async fn ttl_instance(sh: Arc<Shared>, n: usize) {
     let mut registered = true;
     let mut dirty = false;
     let mut alive = true;
+    let mut dead_at: Option<Instant> = None;
     let mut next_flip = Instant::now() + secs(2.0, 30.0);
     let mut next_hb = Instant::now() + hb_every.mul_f64(rand::random::<f64>());
     let mut current = *phase.borrow();
@@ -385,6 +397,7 @@ async fn ttl_instance(sh: Arc<Shared>, n: usize) {
                 next_flip = now + secs(2.0, 20.0);
             } else {
                 alive = !alive;
+                dead_at = (!alive).then_some(now);
                 next_hb = now;
                 next_flip = now
                     + if alive {
@@ -478,6 +491,10 @@ async fn ttl_instance(sh: Arc<Shared>, n: usize) {
             next_flip
         };
         let settled = current == Phase::Stop;
+        sh.mark(
+            n,
+            dead_at.filter(|_| registered && !dirty && !alive && !settled),
+        );
         let p = wait(&mut phase, at).await;
         if p == Phase::Stop {
             return;
@@ -612,6 +629,65 @@ async fn differences(
     Ok(wrong)
 }
 
+/// What the monitor saw during the flapping: TTL instances listed as
+/// `passing` although they had stopped heartbeating.
+#[derive(Debug, Default)]
+struct Sightings {
+    rounds: u64,
+    /// Seen passing more than TTL + slack after the last heartbeat.
+    late: u64,
+    /// The longest time since the last heartbeat at which one was still seen passing.
+    max_after_death: Duration,
+}
+
+/// Reads both views every 2 s until `stop`, recording dead instances seen passing.
+async fn monitor(sh: Arc<Shared>, slack: Duration, stop: Arc<AtomicBool>) -> Sightings {
+    let mut out = Sightings::default();
+    while !stop.load(Ordering::Relaxed) {
+        for client in &sh.clients {
+            for s in 0..sh.services {
+                let read_at = u64::try_from(sh.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+                let Ok(view) = client
+                    .service(&format!("chaos-s{s}"), None, Duration::ZERO)
+                    .await
+                else {
+                    continue; // that registry is down right now
+                };
+                for i in view
+                    .instances
+                    .iter()
+                    .filter(|i| i.status == Status::Passing)
+                {
+                    let Some(n) = i.id.strip_prefix('i').and_then(|n| n.parse::<usize>().ok())
+                    else {
+                        continue;
+                    };
+                    let since = sh
+                        .dead_since
+                        .get(n)
+                        .map_or(u64::MAX, |d| d.load(Ordering::Relaxed));
+                    if since >= read_at {
+                        continue;
+                    }
+                    let after = Duration::from_millis(read_at - since);
+                    out.max_after_death = out.max_after_death.max(after);
+                    if after > sh.ttl + slack {
+                        out.late += 1;
+                        sh.note(format!(
+                            "chaos-s{s}/{} seen passing {:.1} s after its last heartbeat",
+                            i.id,
+                            after.as_secs_f64()
+                        ));
+                    }
+                }
+            }
+        }
+        out.rounds += 1;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    out
+}
+
 /// Both registries' differences; a registry that cannot be read counts every instance.
 async fn both(
     clients: &[RegistryClient; 2],
@@ -671,6 +747,10 @@ pub async fn run(args: &RegistryChaos) -> anyhow::Result<()> {
         truth: Mutex::new(vec![None; args.instances]),
         fixed: AtomicUsize::new(0),
         examples: Mutex::default(),
+        dead_since: (0..args.instances)
+            .map(|_| AtomicU64::new(u64::MAX))
+            .collect(),
+        epoch: Instant::now(),
     });
     let mut report = serde_json::Map::new();
     println!(
@@ -744,6 +824,12 @@ pub async fn run(args: &RegistryChaos) -> anyhow::Result<()> {
     // Phase 2: flapping with faults.
     phase_tx.send_replace(Phase::Flap);
     let flap_start = Instant::now();
+    // A dead instance may stay passing for its TTL, plus the owner's poll
+    // (TTL/4, at most 2 s) twice when the owner was killed, plus an outage.
+    let poll = (args.ttl / 4).clamp(Duration::from_millis(25), Duration::from_secs(2));
+    let slack = args.down + poll * 2 + Duration::from_secs(2);
+    let monitor_stop = Arc::new(AtomicBool::new(false));
+    let monitor_task = tokio::spawn(monitor(Arc::clone(&sh), slack, Arc::clone(&monitor_stop)));
     let until = flap_start + Duration::from_secs(args.seconds);
     let (mut redis_kills, mut registry_kills) = (0u64, [0u64; 2]);
     let mut turn = 0usize;
@@ -768,18 +854,22 @@ pub async fn run(args: &RegistryChaos) -> anyhow::Result<()> {
                 let r = &mut regs[k - 1];
                 r.kill();
                 tokio::time::sleep(args.down).await;
+                let t = Instant::now();
                 r.spawn().await?;
                 registry_kills[k - 1] += 1;
                 println!(
-                    "  {:>5.1} s: registry {} SIGKILL, restarted after {}",
+                    "  {:>5.1} s: registry {} SIGKILL, restarted after {}, serving {:.2} s later",
                     flap_start.elapsed().as_secs_f64(),
                     r.name,
-                    humantime::format_duration(args.down)
+                    humantime::format_duration(args.down),
+                    t.elapsed().as_secs_f64()
                 );
             }
         }
         turn += 1;
     }
+    monitor_stop.store(true, Ordering::Relaxed);
+    let seen = monitor_task.await?;
     let st = &sh.stats;
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     println!(
@@ -798,6 +888,15 @@ pub async fn run(args: &RegistryChaos) -> anyhow::Result<()> {
         registry_kills[0],
         registry_kills[1]
     );
+    println!(
+        "flap monitor: {} reads of both views; a dead TTL instance was seen passing at most {:.1} s \
+         after its last heartbeat (TTL {}); {} sightings later than TTL + {:.1} s",
+        seen.rounds,
+        seen.max_after_death.as_secs_f64(),
+        humantime::format_duration(args.ttl),
+        seen.late,
+        slack.as_secs_f64()
+    );
     report.insert(
         "flap".into(),
         serde_json::json!({
@@ -812,6 +911,9 @@ pub async fn run(args: &RegistryChaos) -> anyhow::Result<()> {
             "failovers": load(&st.failovers),
             "redis_kills": redis_kills,
             "registry_kills": registry_kills.iter().sum::<u64>(),
+            "monitor_rounds": seen.rounds,
+            "dead_seen_passing_max_s": seen.max_after_death.as_secs_f64(),
+            "dead_seen_passing_late": seen.late,
         }),
     );
 
@@ -943,6 +1045,13 @@ pub async fn run(args: &RegistryChaos) -> anyhow::Result<()> {
         println!("{}", serde_json::Value::Object(report));
     }
     drop(regs);
+    if seen.late > 0 {
+        bail!(
+            "{} times a dead instance was seen passing later than TTL + {:.1} s",
+            seen.late,
+            slack.as_secs_f64()
+        );
+    }
     if stuck > 0 || converged_at.is_none() {
         bail!(
             "{stuck} instances stuck in a wrong state after {} s (registry logs in {})",
