@@ -19,9 +19,16 @@
 //! answered (the gateway retries a keyed POST on another instance, and the
 //! key layer forgot the key with the killed request): the repeat gets the
 //! same order and publishes its `order.created` again (same event id).
+//!
+//! Storing an order and publishing its `order.created` are two steps: the
+//! store keeps an outbox of orders not yet published, and a relay in every
+//! instance publishes those older than [`RELAY_AFTER`]. So an order is
+//! accepted (201) once stored, even while the bus is down, and an instance
+//! killed between the two steps leaves no order stuck `pending`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -33,7 +40,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use switchboard_bus::{Event, HandlerError};
 use switchboard_service::{
-    Context, Correlation, IdempotencyLayer, IdempotencyStore, Service, ServiceBuilder,
+    Context, Correlation, IdempotencyLayer, IdempotencyStore, Service, ServiceBuilder, ServiceError,
 };
 
 use crate::events::{
@@ -144,6 +151,9 @@ pub struct Orders {
     /// order per key when the request is repeated after the instance that
     /// placed it died before answering (the key layer has forgotten the key then).
     keys: Arc<Mutex<HashMap<String, String>>>,
+    /// The outbox: orders whose `order.created` is not known to be published
+    /// yet, with when they were stored.
+    unpublished: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
 /// What [`Orders::create_once`] did.
@@ -166,7 +176,28 @@ impl Orders {
     ) -> Order {
         let order = new_order(user_id, items, total_cents, request_id);
         self.orders.lock().insert(order.id.clone(), order.clone());
+        self.unpublished
+            .lock()
+            .insert(order.id.clone(), Instant::now());
         order
+    }
+
+    /// Records that the order's `order.created` was published.
+    pub fn mark_published(&self, id: &str) {
+        self.unpublished.lock().remove(id);
+    }
+
+    /// Orders stored at least `age` ago whose `order.created` is not known to
+    /// be published (the instance that stored them died first, or the bus failed).
+    pub fn unpublished(&self, age: Duration) -> Vec<Order> {
+        let ids: Vec<String> = self
+            .unpublished
+            .lock()
+            .iter()
+            .filter(|(_, at)| at.elapsed() >= age)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.iter().filter_map(|id| self.get(id)).collect()
     }
 
     /// Like [`Orders::create`], once per `key`: a second call with the same
@@ -186,11 +217,6 @@ impl Orders {
         let order = self.create(user_id, items, total_cents, request_id);
         keys.insert(key.to_owned(), order.id.clone());
         Created::New(order)
-    }
-
-    /// Forgets an order whose `order.created` could not be published.
-    pub fn remove(&self, id: &str) {
-        self.orders.lock().remove(id);
     }
 
     /// An order by id.
@@ -318,12 +344,73 @@ pub fn service(orders: &Orders, keys: IdempotencyStore) -> ServiceBuilder {
 struct AppState {
     orders: Orders,
     ctx: Context,
+    /// Stops the relay when the last clone of the routes is dropped (the
+    /// instance stopped or was killed).
+    _relay: Arc<Relay>,
+}
+
+/// How long a stored order's `order.created` may stay unpublished before the
+/// relay publishes it (the request that stored it publishes first).
+pub const RELAY_AFTER: Duration = Duration::from_secs(2);
+
+struct Relay(tokio::task::AbortHandle);
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The outbox relay: publishes `order.created` for stored orders whose
+/// request did not (killed between storing and publishing, or the bus
+/// failed), with the same event id, so a second publication is dropped by
+/// inboxes. Every instance runs one; they may publish the same order twice.
+async fn relay(orders: Orders, ctx: Context) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for order in orders.unpublished(RELAY_AFTER) {
+            let correlation = Correlation::from_parts(Some(&order.request_id), None);
+            let published = correlation
+                .scope(publish_created(ctx.clone(), order.clone()))
+                .await;
+            match published {
+                Ok(()) => {
+                    orders.mark_published(&order.id);
+                    tracing::info!(order_id = %order.id, "order.created published by the relay");
+                }
+                Err(error) => {
+                    tracing::warn!(order_id = %order.id, %error, "relay: order.created not published; next round");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn publish_created(ctx: Context, order: Order) -> Result<(), ServiceError> {
+    let created = OrderCreated {
+        order_id: order.id.clone(),
+        user_id: order.user_id,
+        items: order.items,
+        total_cents: order.total_cents,
+    };
+    // A deterministic id: publishing again (a repeat, the relay) is dropped by inboxes.
+    let event_id = format!("{}/{}", order.id, events::ORDER_CREATED);
+    ctx.publish(events::ORDER_CREATED, event_id, &created).await
 }
 
 /// The service's routes: `POST /orders` behind the `Idempotency-Key` layer,
-/// `GET /orders/{id}`, `GET /orders/stats` (number of orders per status).
+/// `GET /orders/{id}`, `GET /orders/stats` (number of orders per status); and
+/// the outbox relay, which runs until the routes are dropped.
 pub fn router(orders: Orders, ctx: Context, keys: IdempotencyStore) -> Router {
-    let state = AppState { orders, ctx };
+    let task = tokio::spawn(relay(orders.clone(), ctx.clone()));
+    let state = AppState {
+        orders,
+        ctx,
+        _relay: Arc::new(Relay(task.abort_handle())),
+    };
     Router::new()
         .route("/orders", post(place).layer(IdempotencyLayer::new(keys)))
         .route("/orders/stats", get(stats))
@@ -417,30 +504,14 @@ async fn place(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> 
             }
         },
     };
-    let created = OrderCreated {
-        order_id: order.id.clone(),
-        user_id: order.user_id.clone(),
-        items: order.items.clone(),
-        total_cents: order.total_cents,
-    };
-    // A deterministic id: publishing again (a repeat) is dropped by inboxes.
-    let event_id = format!("{}/{}", order.id, events::ORDER_CREATED);
-    if let Err(e) = app
-        .ctx
-        .publish(events::ORDER_CREATED, event_id, &created)
-        .await
-    {
-        if key.is_none() {
-            // Nothing happened yet: forget the order so that a retry starts clean.
-            app.orders.remove(&order.id);
+    match publish_created(app.ctx.clone(), order.clone()).await {
+        Ok(()) => app.orders.mark_published(&order.id),
+        // The order is stored: it is accepted, and the relay publishes its
+        // event once the bus is back. (Forgetting it instead would be wrong
+        // too: the event may have been stored before the error.)
+        Err(e) => {
+            tracing::warn!(order_id = %order.id, error = %e, "order.created not published; the relay will");
         }
-        // With a key the order stays: the event may have been stored before
-        // the error, and the client's repeat with the key publishes it again.
-        tracing::warn!(order_id = %order.id, error = %e, "order.created not published");
-        return problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the event bus is unavailable",
-        );
     }
     if repeat {
         tracing::info!(order_id = %order.id, "order placed before; order.created published again");

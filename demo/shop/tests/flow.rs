@@ -186,6 +186,30 @@ async fn a_repeat_after_a_killed_first_attempt_gets_the_same_order() {
     shop.shutdown().await;
 }
 
+/// Regression (found by the shop soak): an order stored by an instance killed
+/// before it published `order.created` stayed `pending` for ever; the outbox
+/// relay now publishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_stored_but_not_published_is_published_by_the_relay() {
+    let shop = run(DemoOptions::for_tests()).await.unwrap();
+    let api = Api::new(shop.gateway_addr().unwrap());
+    let user = api.create_user().await;
+    let items = vec![events::Item {
+        sku: "gadget".into(),
+        qty: 2,
+    }];
+    let order = shop
+        .data()
+        .orders
+        .create(user, items, 2400, "req-killed".into());
+    let within = switchboard_shop::orders::RELAY_AFTER + Duration::from_secs(3);
+    let done = api.wait_final(&order.id, within).await;
+    assert_eq!(done["status"], "confirmed", "{done}");
+    let (_, gadget) = api.get("/inventory/gadget").await;
+    assert_eq!(gadget["reserved"], 2);
+    shop.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_request_id_reaches_every_event_and_every_service_log() {
     let logs = logs();
