@@ -68,6 +68,9 @@ pub struct SoakOptions {
     pub decline_every: Duration,
     /// Share of orders asking for more than the stock (cancelled by inventory), 0 to 1.
     pub out_of_stock_share: f64,
+    /// Share of orders placed without `Idempotency-Key`, 0 to 1: sent once,
+    /// never retried (neither the client nor the gateway may repeat them).
+    pub keyless_share: f64,
     /// Longest wait, after the traffic stops, for every order to end.
     pub settle: Duration,
 }
@@ -84,6 +87,7 @@ impl Default for SoakOptions {
             broker_down_for: Duration::from_secs(1),
             decline_every: Duration::from_secs(5),
             out_of_stock_share: 0.1,
+            keyless_share: 0.1,
             settle: Duration::from_secs(60),
         }
     }
@@ -104,6 +108,8 @@ pub struct SoakReport {
     pub order_retries: u64,
     /// Orders given up after every retry failed (not accepted: they do not count).
     pub orders_given_up: u64,
+    /// Orders without a key that failed (5xx or transport error; not accepted, not retried).
+    pub keyless_failed: u64,
     /// Order placements answered 4xx other than 409 (a bug in the client or the shop).
     pub orders_refused: u64,
     /// Reads (`GET /orders/{id}`, `GET /inventory/{sku}`) answered 200.
@@ -160,6 +166,7 @@ struct Shared {
     users_created: AtomicU64,
     order_retries: AtomicU64,
     orders_given_up: AtomicU64,
+    keyless_failed: AtomicU64,
     orders_refused: AtomicU64,
     reads_ok: AtomicU64,
     reads_failed: AtomicU64,
@@ -229,6 +236,7 @@ async fn create_user(http: &HttpClient, base: &str) -> Option<String> {
 
 /// Places one order with an Idempotency-Key, retrying with the same key (as a
 /// careful client does) until it is accepted, refused, or `until` passes.
+/// `keyless`: no key, one attempt (a POST without a key is never repeated).
 async fn place_order(
     http: &HttpClient,
     base: &str,
@@ -236,18 +244,20 @@ async fn place_order(
     user: &str,
     items: serde_json::Value,
     until: Instant,
+    keyless: bool,
 ) {
     let key = random_key();
     // The key doubles as the request id, which the order keeps: the final
     // count finds orders placed twice for one key by it.
-    let headers = [
+    let keyed = [
         ("idempotency-key", key.as_str()),
         ("x-request-id", key.as_str()),
     ];
+    let headers = if keyless { &keyed[1..] } else { &keyed[..] };
     let body = json!({"user_id": user, "items": items});
     let url = format!("{base}/orders");
     loop {
-        match call(http, Method::POST, &url, &headers, Some(&body)).await {
+        match call(http, Method::POST, &url, headers, Some(&body)).await {
             Ok((s, b)) if s == StatusCode::CREATED => {
                 let order: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
                 if let Some(id) = order["id"].as_str() {
@@ -264,6 +274,10 @@ async fn place_order(
             Ok((s, b)) if s.is_client_error() && s != StatusCode::CONFLICT => {
                 shared.orders_refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(status = %s, body = %String::from_utf8_lossy(&b), "order refused");
+                return;
+            }
+            _ if keyless => {
+                shared.keyless_failed.fetch_add(1, Ordering::Relaxed);
                 return;
             }
             _ if Instant::now() >= until => {
@@ -308,7 +322,8 @@ async fn client(
             let items = json!([{"sku": sku, "qty": qty}]);
             // Retries stop a while after the traffic does.
             let until = Instant::now() + Duration::from_secs(15);
-            place_order(&http, &base, &shared, &user, items, until).await;
+            let keyless = rand::random::<f64>() < options.keyless_share;
+            place_order(&http, &base, &shared, &user, items, until, keyless).await;
         } else {
             let path = if dice < 0.8 {
                 let id = {
@@ -450,13 +465,14 @@ pub async fn soak(
     let accepted = shared.accepted.lock().clone();
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
     progress(&format!(
-        "traffic: {} orders accepted ({} retries, {} given up, {} refused), {} users, \
+        "traffic: {} orders accepted ({} retries, {} given up, {} refused, {} keyless failed), {} users, \
          {} reads ok, {} reads failed; {kills} instance kills, {broker_kills} broker kills, \
          {declines} decline bursts in {seconds:.1} s",
         accepted.len(),
         load(&shared.order_retries),
         load(&shared.orders_given_up),
         load(&shared.orders_refused),
+        load(&shared.keyless_failed),
         load(&shared.users_created),
         load(&shared.reads_ok),
         load(&shared.reads_failed),
@@ -477,6 +493,7 @@ pub async fn soak(
     report.users_created = load(&shared.users_created);
     report.order_retries = load(&shared.order_retries);
     report.orders_given_up = load(&shared.orders_given_up);
+    report.keyless_failed = load(&shared.keyless_failed);
     report.orders_refused = load(&shared.orders_refused);
     report.reads_ok = load(&shared.reads_ok);
     report.reads_failed = load(&shared.reads_failed);

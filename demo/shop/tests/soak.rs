@@ -42,6 +42,7 @@ async fn a_short_soak_with_kills_ends_every_order() {
         broker_kill_every: Some(Duration::from_secs(5)),
         decline_every: Duration::from_secs(2),
         out_of_stock_share: 0.2,
+        keyless_share: 0.2,
         settle: Duration::from_secs(30),
         ..SoakOptions::default()
     };

@@ -37,6 +37,9 @@ pub struct ShopChaos {
     /// Seconds between two redis-server SIGKILLs (0: never).
     #[arg(long, default_value_t = 20.0)]
     redis_kill_every: f64,
+    /// Share of orders placed without Idempotency-Key (sent once, never retried), 0 to 1.
+    #[arg(long, default_value_t = 0.1)]
+    keyless_share: f64,
     /// Initial stock of each SKU.
     #[arg(long, default_value_t = 1_000_000)]
     stock: u64,
@@ -89,6 +92,7 @@ pub(super) async fn run(args: &ShopChaos) -> anyhow::Result<()> {
         kill_every: seconds(args.kill_every, "kill-every")?,
         broker_kill_every: (!redis_kill_every.is_zero()).then_some(redis_kill_every),
         settle: Duration::from_secs(args.settle),
+        keyless_share: args.keyless_share,
         ..SoakOptions::default()
     };
     let report = soak(
