@@ -512,7 +512,7 @@ async fn admin_and_registry_writes_need_the_token_and_metadata_addresses_are_ref
             .send()
             .await
             .unwrap();
-        assert_eq!(res.status(), 400, "{ip}");
+        assert_eq!(res.status(), 403, "{ip}");
         let body: Value = res.json().await.unwrap();
         assert_eq!(body["field"], "address");
         assert!(

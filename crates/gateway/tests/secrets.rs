@@ -167,7 +167,7 @@ async fn writes_need_the_token_and_no_secret_leaks() {
             .send()
             .await
             .unwrap();
-        assert_eq!(res.status(), 400, "{address} registered");
+        assert_eq!(res.status(), 403, "{address} registered");
     }
     let view: serde_json::Value = client
         .get(url("/v1/services/s"))

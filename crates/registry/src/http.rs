@@ -10,7 +10,10 @@
 //!
 //! Writes need `Authorization: Bearer TOKEN` when a token is configured. Every
 //! error is RFC 9457 `application/problem+json` with `type`, `title`, `status`,
-//! `detail` (and `field` for validation errors); bad input is 400, never 500.
+//! `detail` (and `field` for validation errors); bad input is 400, never 500,
+//! and a well-formed address that the network policy refuses is 403.
+//! [`openapi`] states every validation rule (patterns, lengths, counts,
+//! bounds) so that schema-driven clients and fuzzers send only what passes.
 //!
 //! [`router`] is what the gateway mounts on its admin listener (it has no
 //! fallback and no `/openapi.json`, so it merges cleanly); [`openapi`] is the
@@ -110,6 +113,7 @@ impl Problem {
         match self.status {
             StatusCode::BAD_REQUEST => "invalid-request",
             StatusCode::UNAUTHORIZED => "unauthorized",
+            StatusCode::FORBIDDEN => "address-not-allowed",
             StatusCode::NOT_FOUND => "not-found",
             StatusCode::METHOD_NOT_ALLOWED => "method-not-allowed",
             StatusCode::PAYLOAD_TOO_LARGE => "body-too-large",
@@ -147,6 +151,10 @@ impl From<RegistryError> for Problem {
     fn from(err: RegistryError) -> Self {
         match &err {
             RegistryError::Invalid(v) => Problem::invalid(v),
+            RegistryError::Forbidden(v) => Problem {
+                field: Some(v.field.clone()),
+                ..Problem::new(StatusCode::FORBIDDEN, "Address not allowed", v.to_string())
+            },
             RegistryError::NotFound { .. } => {
                 Problem::new(StatusCode::NOT_FOUND, "Instance not found", err.to_string())
             }
@@ -330,12 +338,7 @@ fn parse_query(raw: Option<&str>) -> Result<ServiceQuery, ValidationError> {
                 })?);
             }
             "wait" => {
-                let d = humantime::parse_duration(&v)
-                    .map_err(|_| ValidationError::new("wait", "must be a duration like \"30s\""))?;
-                if d > MAX_WAIT {
-                    return Err(ValidationError::new("wait", "must be at most 10m"));
-                }
-                q.wait = Some(d);
+                q.wait = Some(validate::duration_in(&v, "wait", Duration::ZERO, MAX_WAIT)?);
             }
             other => {
                 return Err(ValidationError::new(
@@ -520,11 +523,19 @@ pub async fn serve(
 }
 
 /// The OpenAPI 3.1 description of the registry API (the paths of [`router`]).
+///
+/// The request schemas state exactly what the validator accepts: every
+/// pattern comes from [`validate::patterns`], every bound from the
+/// validator's constants (`tests/schema_in_step.rs` keeps them in step).
 pub fn openapi() -> serde_json::Value {
-    let problem = json!({"description": "Problem", "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}});
-    let service_param = json!({"name": "service", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[a-z0-9-]{1,63}$"}});
-    let id_param = json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"}});
+    use validate::patterns as p;
+    use validate::{MAX_LONG, MAX_METADATA, MAX_PERIOD, MAX_SHORT, MAX_TAGS};
+    let problem = |d: &str| json!({"description": d, "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}});
+    let service_param = json!({"name": "service", "in": "path", "required": true, "schema": {"type": "string", "pattern": p::SERVICE}});
+    let id_param = json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string", "pattern": p::INSTANCE_ID}});
     let bearer = json!([{"bearer": []}]);
+    let duration = |min, max, d: &str| json!({"type": ["string", "null"], "pattern": p::duration(min, max), "description": d});
+    let ipv6 = p::ipv6();
     json!({
         "openapi": "3.1.0",
         "info": {"title": "Switchboard registry", "version": env!("CARGO_PKG_VERSION")},
@@ -540,14 +551,14 @@ pub fn openapi() -> serde_json::Value {
                     "summary": "Instances of a service; with index, a blocking query",
                     "parameters": [
                         service_param,
-                        {"name": "passing", "in": "query", "schema": {"type": "boolean"}, "description": "only passing instances"},
-                        {"name": "index", "in": "query", "schema": {"type": "integer", "minimum": 0}, "description": "block until the service's index is greater"},
-                        {"name": "wait", "in": "query", "schema": {"type": "string"}, "description": "longest block, humantime (default 5m, max 10m)"}
+                        {"name": "passing", "in": "query", "schema": {"enum": ["true", "false", "1", "0", ""]}, "description": "only passing instances (empty: true)"},
+                        {"name": "index", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": u64::MAX}, "description": "block until the service's index is greater"},
+                        {"name": "wait", "in": "query", "schema": {"type": "string", "pattern": p::duration(Duration::ZERO, MAX_WAIT)}, "description": "longest block: a number and one unit of ms, s, m (default 5m, at most 10m)"}
                     ],
                     "responses": {
                         "200": {"description": "Service view", "headers": {"x-registry-index": {"schema": {"type": "integer"}}},
                                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ServiceView"}}}},
-                        "400": problem
+                        "400": problem("Invalid service name or query")
                     }
                 }
             },
@@ -558,13 +569,15 @@ pub fn openapi() -> serde_json::Value {
                     "parameters": [service_param, id_param],
                     "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Registration"}}}},
                     "responses": {"200": {"description": "Registered", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Instance"}}}},
-                                  "400": problem, "401": problem, "413": problem, "503": problem}
+                                  "400": problem("Invalid body or path"), "401": problem("Token missing or wrong"),
+                                  "403": problem("The network policy refuses the address (unspecified, link-local, outside the allowed networks, or a hostname where only IPs are allowed)"),
+                                  "413": problem("Body too large"), "503": problem("Store unavailable")}
                 },
                 "delete": {
                     "summary": "Deregister an instance",
                     "security": bearer,
                     "parameters": [service_param, id_param],
-                    "responses": {"204": {"description": "Deregistered (or was not registered)"}, "400": problem, "401": problem, "503": problem}
+                    "responses": {"204": {"description": "Deregistered (or was not registered)"}, "400": problem("Invalid path"), "401": problem("Token missing or wrong"), "503": problem("Store unavailable")}
                 }
             },
             "/v1/services/{service}/instances/{id}/heartbeat": {
@@ -572,7 +585,8 @@ pub fn openapi() -> serde_json::Value {
                     "summary": "Renew a TTL check",
                     "security": bearer,
                     "parameters": [service_param, id_param],
-                    "responses": {"200": {"description": "Renewed"}, "400": problem, "401": problem, "404": problem, "503": problem}
+                    "responses": {"200": {"description": "Renewed", "content": {"application/json": {"schema": {"type": "object", "properties": {"service": {"type": "string"}, "id": {"type": "string"}, "renewed": {"const": true}}}}}},
+                                  "400": problem("Invalid path"), "401": problem("Token missing or wrong"), "404": problem("Not registered"), "503": problem("Store unavailable")}
                 }
             }
         },
@@ -583,18 +597,35 @@ pub fn openapi() -> serde_json::Value {
                     "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
                     "detail": {"type": "string"}, "field": {"type": "string"}}},
                 "ServiceSummary": {"type": "object", "properties": {"service": {"type": "string"}, "instances": {"type": "integer"}, "passing": {"type": "integer"}}},
-                "Check": {"type": "object", "additionalProperties": false, "properties": {
-                    "http": {"type": "string", "description": "path, e.g. /health"}, "tcp": {"const": true},
-                    "ttl": {"type": "string"}, "interval": {"type": "string", "default": "10s"}, "timeout": {"type": "string", "default": "2s"},
-                    "healthy_threshold": {"type": "integer", "minimum": 1, "maximum": 100, "default": 2},
-                    "unhealthy_threshold": {"type": "integer", "minimum": 1, "maximum": 100, "default": 3},
-                    "deregister_critical_after": {"type": "string"}}},
+                "Check": {
+                    "type": "object", "additionalProperties": false,
+                    "description": "exactly one of http, tcp, ttl (null counts as absent); a timeout above the interval is cut to it",
+                    "oneOf": [
+                        {"required": ["http"], "properties": {"http": {"type": "string"}}},
+                        {"required": ["tcp"], "properties": {"tcp": {"const": true}}},
+                        {"required": ["ttl"], "properties": {"ttl": {"type": "string"}}}
+                    ],
+                    "properties": {
+                        "http": {"type": ["string", "null"], "pattern": p::HTTP_PATH, "maxLength": MAX_LONG, "description": "path, e.g. /health"},
+                        "tcp": {"enum": [true, null]},
+                        "ttl": duration(validate::MIN_TTL, MAX_PERIOD, "renew within this, e.g. 10s"),
+                        "interval": duration(validate::MIN_INTERVAL, MAX_PERIOD, "default 10s"),
+                        "timeout": duration(validate::MIN_TIMEOUT, MAX_PERIOD, "default 2s, at most the interval"),
+                        "healthy_threshold": {"type": ["integer", "null"], "minimum": 1, "maximum": 100, "default": 2},
+                        "unhealthy_threshold": {"type": ["integer", "null"], "minimum": 1, "maximum": 100, "default": 3},
+                        "deregister_critical_after": duration(validate::MIN_TTL, MAX_PERIOD, "deregister after this long critical")}},
                 "Registration": {"type": "object", "required": ["address", "port"], "additionalProperties": false, "properties": {
-                    "address": {"type": "string", "description": "IP or hostname"},
+                    "address": {"type": "string", "description": "IP address or hostname", "anyOf": [
+                        {"pattern": p::IPV4},
+                        {"pattern": ipv6},
+                        {"allOf": [{"pattern": p::HOSTNAME}, {"pattern": p::HOSTNAME_LAST_LABEL}], "maxLength": 253}
+                    ]},
                     "port": {"type": "integer", "minimum": 1, "maximum": 65535},
-                    "version": {"type": ["string", "null"], "description": "semver"},
-                    "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 64},
-                    "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "version": {"type": ["string", "null"], "pattern": p::version(), "description": "semver"},
+                    "tags": {"type": ["array", "null"], "items": {"type": "string", "minLength": 1, "maxLength": MAX_SHORT, "pattern": p::tag()}, "maxItems": MAX_TAGS},
+                    "metadata": {"type": ["object", "null"], "maxProperties": MAX_METADATA,
+                                 "propertyNames": {"pattern": p::METADATA_KEY},
+                                 "additionalProperties": {"type": "string", "maxLength": MAX_LONG, "pattern": p::metadata_value()}},
                     "check": {"anyOf": [{"$ref": "#/components/schemas/Check"}, {"type": "null"}], "description": "absent or null: no active check"}}},
                 "Instance": {"type": "object", "properties": {
                     "id": {"type": "string"}, "service": {"type": "string"}, "address": {"type": "string"}, "port": {"type": "integer"},
@@ -626,6 +657,11 @@ mod tests {
         assert!(parse_query(Some("passing")).unwrap().passing);
         assert_eq!(parse_query(Some("index=-1")).unwrap_err().field, "index");
         assert_eq!(parse_query(Some("wait=11m")).unwrap_err().field, "wait");
+        assert_eq!(parse_query(Some("wait=10m")).unwrap().wait, Some(MAX_WAIT));
+        assert_eq!(
+            parse_query(Some("wait=1m%2030s")).unwrap_err().field,
+            "wait"
+        );
         assert_eq!(parse_query(Some("wait=%zz")).unwrap_err().field, "wait");
         assert_eq!(parse_query(Some("dc=x")).unwrap_err().field, "dc");
         assert_eq!(decode("a%20b%"), "a b%");

@@ -81,12 +81,13 @@
 //! | setting | default |
 //! |---|---|
 //! | check `interval` | 10s (min 50ms) |
-//! | check `timeout` | 2s, at most the interval |
+//! | check `timeout` | 2s; a longer one is cut to the interval |
+//! | duration syntax | a whole number and one unit: `500ms`, `2s`, `5m`, `1h` (max 24h) |
 //! | `healthy_threshold` / `unhealthy_threshold` | 2 / 3 |
 //! | `deregister_critical_after` | never |
 //! | passive failures / ejection | 3 / 10s |
 //! | Redis full resync | every 5s, and on every reconnect |
-//! | allowed networks | everything but `169.254.0.0/16`, `fe80::/10` and the unspecified address |
+//! | allowed networks | everything but `169.254.0.0/16`, `fe80::/10` and the unspecified address (refused with 403) |
 //! | HTTP body limit | 64 KiB |
 
 pub mod client;

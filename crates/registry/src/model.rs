@@ -189,7 +189,7 @@ impl CheckSpec {
 }
 
 pub(crate) fn fmt_duration(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
+    crate::validate::fmt_ms(d)
 }
 
 impl Serialize for CheckSpec {

@@ -35,6 +35,9 @@ pub enum RegistryError {
     /// The input broke a rule; the field is named.
     #[error(transparent)]
     Invalid(#[from] ValidationError),
+    /// Well-formed, but the network policy refuses the address (HTTP 403).
+    #[error(transparent)]
+    Forbidden(ValidationError),
     /// No such instance.
     #[error("instance {id} of service {service} is not registered")]
     NotFound {
@@ -367,7 +370,12 @@ impl Registry {
     ) -> Result<Instance, RegistryError> {
         validate::service_name(service)?;
         validate::instance_id(id)?;
-        validate::registration(&registration, &self.inner.opts.network)?;
+        validate::registration(&registration)?;
+        self.inner
+            .opts
+            .network
+            .check(&registration.address)
+            .map_err(RegistryError::Forbidden)?;
         let slot = self.inner.slot(service);
         if let Some(existing) = self.inner.same_registration(&slot, id, &registration) {
             if let Store::Redis(store) = &self.inner.store {

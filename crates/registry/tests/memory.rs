@@ -306,7 +306,7 @@ async fn invalid_input_is_rejected_with_the_field() {
         .await
         .unwrap();
     let field = |e: RegistryError| match e {
-        RegistryError::Invalid(v) => v.field,
+        RegistryError::Invalid(v) | RegistryError::Forbidden(v) => v.field,
         other => panic!("unexpected {other}"),
     };
     let ok = Registration::new("127.0.0.1", 80);

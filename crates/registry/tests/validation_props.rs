@@ -104,7 +104,8 @@ proptest! {
     }
 }
 
-/// The same bodies through the HTTP router: only 200 or a 400 problem naming a field, never a 500.
+/// The same bodies through the HTTP router: only 200, a 400 problem naming a
+/// field, or 403 for an address the network policy refuses; never a 500.
 #[test]
 fn http_answers_every_body_with_200_or_400() {
     use switchboard_registry::http::{HttpOptions, router};
@@ -132,15 +133,18 @@ fn http_answers_every_body_with_200_or_400() {
                     .unwrap();
                 let resp = rt.block_on(app.clone().oneshot(req)).unwrap();
                 let status = resp.status().as_u16();
-                prop_assert!(status == 200 || status == 400, "status {}", status);
-                if status == 400 {
+                prop_assert!(matches!(status, 200 | 400 | 403), "status {}", status);
+                if status != 200 {
                     let bytes = rt
                         .block_on(http_body_util::BodyExt::collect(resp.into_body()))
                         .unwrap()
                         .to_bytes();
                     let problem: Value = serde_json::from_slice(&bytes).unwrap();
                     prop_assert!(problem["field"].as_str().is_some_and(|f| !f.is_empty()));
-                    prop_assert_eq!(&problem["status"], &json!(400));
+                    prop_assert_eq!(&problem["status"], &json!(status));
+                    if status == 403 {
+                        prop_assert_eq!(&problem["field"], &json!("address"));
+                    }
                 }
                 Ok(())
             },
