@@ -244,6 +244,17 @@ pub fn openapi_paths() -> Value {
     let text = |d: &str| json!({"description": d, "content": {"text/plain": {"schema": {"type": "string"}}}});
     let obj = |d: &str| json!({"description": d, "content": {"application/json": {"schema": {"type": "object"}}}});
     let arr = |d: &str| json!({"description": d, "content": {"application/json": {"schema": {"type": "array", "items": {"type": "object"}}}}});
+    let problem = |d: &str| json!({"description": d, "content": {"application/problem+json": {"schema": {"type": "object", "required": ["type", "title", "status", "detail"], "properties": {"type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"}, "detail": {"type": "string"}}}}}});
+    // Each Server-Sent Event, as OpenAPI 3.1 tools read `schema` on an event stream.
+    let sse_event = json!({
+        "type": "object", "required": ["event", "data"],
+        "properties": {
+            "event": {"enum": ["history", "sample"]},
+            "data": {"type": "string", "contentMediaType": "application/json", "description": "one JSON object: the last five minutes of series (history) or one sample"},
+            "retry": {"type": "integer", "minimum": 0},
+            "id": {"type": "string"}
+        }
+    });
     json!({
         "/health": {"get": {"summary": "Liveness", "responses": {"200": obj("alive")}}},
         "/ready": {"get": {"summary": "Readiness (503 while draining)", "responses": {"200": obj("ready"), "503": obj("draining")}}},
@@ -251,10 +262,10 @@ pub fn openapi_paths() -> Value {
         "/v1/routes": {"get": {"summary": "The route table with instance counts", "responses": {"200": arr("routes")}}},
         "/v1/breakers": {"get": {"summary": "Circuit breaker per route and instance", "responses": {"200": arr("breakers")}}},
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": obj("OpenAPI 3.1 document")}}},
-        "/v1/reload": {"post": {"summary": "Re-read the config file and swap routes, services and policies (bearer token when an admin token is set)", "responses": {"200": obj("reloaded: {status, routes}"), "401": obj("missing or wrong token"), "409": obj("not started from a file"), "422": obj("invalid config; the old one keeps serving")}}},
+        "/v1/reload": {"post": {"summary": "Re-read the config file and swap routes, services and policies (bearer token when an admin token is set)", "responses": {"200": obj("reloaded: {status, routes}"), "401": problem("missing or wrong token"), "409": problem("not started from a file"), "422": problem("invalid config; the old one keeps serving")}}},
         "/dashboard": {"get": {"summary": "The live dashboard page (self-contained HTML)", "responses": {"200": {"description": "HTML page", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
-        "/v1/stream": {"get": {"summary": "Dashboard frames as Server-Sent Events, one per second (bearer token when configured)", "responses": {"200": {"description": "an `event: history` then `event: sample` frames", "content": {"text/event-stream": {"schema": {"type": "string"}}}}, "401": obj("token missing or wrong")}}},
-        "/v1/search": {"get": {"summary": "Find a request id or correlation id in the recent access log and events", "parameters": [{"name": "q", "in": "query", "required": true, "schema": {"type": "string", "maxLength": 128}}], "responses": {"200": obj("matching requests and events"), "400": obj("bad query"), "401": obj("token missing or wrong")}}},
+        "/v1/stream": {"get": {"summary": "Dashboard frames as Server-Sent Events, one per second (bearer token when configured)", "responses": {"200": {"description": "an `event: history` then `event: sample` frames", "content": {"text/event-stream": {"schema": sse_event}}}, "401": problem("token missing or wrong")}}},
+        "/v1/search": {"get": {"summary": "Find a request id or correlation id in the recent access log and events", "parameters": [{"name": "q", "in": "query", "required": true, "description": "1-128 visible ASCII characters; surrounding ASCII whitespace is ignored", "schema": {"type": "string", "pattern": crate::dashboard::QUERY_PATTERN}}], "responses": {"200": obj("matching requests and events"), "400": problem("bad query"), "401": problem("token missing or wrong")}}},
     })
 }
 

@@ -48,6 +48,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::breaker::BreakerEvent;
 use crate::proxy::Gateway;
+pub(crate) use stream::QUERY_PATTERN;
 pub use switchboard_resilience::redact::redact_url;
 
 /// How many seconds of history the dashboard keeps and draws.

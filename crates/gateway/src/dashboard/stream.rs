@@ -144,13 +144,16 @@ pub(super) struct SearchParams {
     q: Option<String>,
 }
 
+/// What [`parse_query`] accepts, as the OpenAPI document states it.
+pub(crate) const QUERY_PATTERN: &str = "^[\\t\\n\\f\\r ]*[!-~]{1,128}[\\t\\n\\f\\r ]*$";
+
 /// Checks the search text: 1 to [`MAX_QUERY`] visible ASCII characters
-/// (request ids and CloudEvents ids are), surrounding spaces ignored.
+/// (request ids and CloudEvents ids are), surrounding ASCII whitespace ignored.
 pub fn parse_query(q: Option<&str>) -> Result<&str, String> {
     let Some(q) = q else {
         return Err("query parameter `q` is missing: give a request id or correlation id".into());
     };
-    let q = q.trim();
+    let q = q.trim_ascii();
     if q.is_empty() {
         return Err("query parameter `q` is empty".into());
     }
@@ -244,10 +247,17 @@ mod tests {
                 Ok(q) => {
                     prop_assert!(!q.is_empty() && q.len() <= MAX_QUERY);
                     prop_assert!(q.bytes().all(|b| b.is_ascii_graphic()));
-                    prop_assert_eq!(q, s.trim());
+                    prop_assert_eq!(q, s.trim_ascii());
                 }
                 Err(e) => prop_assert!(e.contains("`q`")),
             }
+        }
+
+        /// The OpenAPI pattern of `q` says exactly what is accepted.
+        #[test]
+        fn the_openapi_pattern_agrees(s in "[ \t\n!-~]{0,3}[\\PC\t\n\r\x0c ]{0,4}[ !-~]{0,130}[ \t\u{a0}]{0,2}") {
+            let re = regex::Regex::new(QUERY_PATTERN).unwrap();
+            prop_assert_eq!(re.is_match(&s), parse_query(Some(&s)).is_ok(), "{:?}", s);
         }
     }
 }
