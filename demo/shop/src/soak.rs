@@ -368,6 +368,19 @@ pub async fn soak(
     mut broker: Option<&mut dyn Broker>,
     mut progress: impl FnMut(&str),
 ) -> anyhow::Result<SoakReport> {
+    for (name, share) in [
+        ("out_of_stock_share", options.out_of_stock_share),
+        ("keyless_share", options.keyless_share),
+    ] {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&share),
+            "soak option {name} is {share}: it must be a share between 0 and 1"
+        );
+    }
+    anyhow::ensure!(
+        options.clients > 0,
+        "soak option clients must be at least 1"
+    );
     let gateway: SocketAddr = shop
         .gateway_addr()
         .ok_or_else(|| anyhow::anyhow!("the soak needs the shop's gateway"))?;

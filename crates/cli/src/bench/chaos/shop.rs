@@ -73,6 +73,14 @@ fn seconds(s: f64, what: &str) -> anyhow::Result<Duration> {
 
 /// Runs the scenario.
 pub(super) async fn run(args: &ShopChaos) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.keyless_share),
+        "--keyless-share {}: must be between 0 and 1",
+        args.keyless_share
+    );
+    anyhow::ensure!(args.clients > 0, "--clients must be at least 1");
+    let redis_kill_every = seconds(args.redis_kill_every, "redis-kill-every")?;
+    let kill_every = seconds(args.kill_every, "kill-every")?;
     let mut redis = Redis::start(&args.redis_server).await?;
     let any = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     let options = DemoOptions {
@@ -84,12 +92,11 @@ pub(super) async fn run(args: &ShopChaos) -> anyhow::Result<()> {
         ..DemoOptions::default()
     };
     let mut shop = switchboard_shop::run(options).await?;
-    let redis_kill_every = seconds(args.redis_kill_every, "redis-kill-every")?;
     let soak_options = SoakOptions {
         duration: Duration::from_secs(args.seconds),
         clients: args.clients,
         think: Duration::from_millis(args.think_ms),
-        kill_every: seconds(args.kill_every, "kill-every")?,
+        kill_every,
         broker_kill_every: (!redis_kill_every.is_zero()).then_some(redis_kill_every),
         settle: Duration::from_secs(args.settle),
         keyless_share: args.keyless_share,
