@@ -18,8 +18,16 @@
 //!   because of a reconnect (Redis `XACK` is idempotent, so a retried ack that
 //!   had in fact succeeded is harmless).
 //!
-//! Graceful shutdown cancels the fetcher; the runner drains its handlers and
-//! the settler its queue before the subscription reports done.
+//! # Shutdown
+//! Graceful shutdown cancels the fetcher (a fetch that is not cancel-safe
+//! runs to its end first). Handlers that already started finish and are
+//! settled as usual. Nothing else is acked or left to the ack wait: the
+//! consumer hands back to the group ([`Consumer::release`]) every delivery
+//! that reaches the runner after shutdown began (fetched, never run) and
+//! every one whose handler refused with [`crate::Nack::release`]; once the
+//! settler's queue is drained, [`Consumer::release_held`] hands back what the
+//! backend still holds in this process (Redis: failed entries waiting for
+//! their backoff). The group's next consumer gets all of it at once.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -74,6 +82,23 @@ pub(crate) trait Consumer: Send + Sync + 'static {
     /// Acknowledges deliveries; must be idempotent.
     fn ack(&self, tokens: &[Self::Token]) -> impl Future<Output = Result<(), BusError>> + Send;
 
+    /// Hands deliveries back to the group at once, without a handler outcome:
+    /// fetched but never run because the subscription is stopping, or refused
+    /// by their handler ([`crate::Nack::release`]) while it stops. Each comes
+    /// with the deliveries that count so far (`attempt - 1`), so that, where
+    /// the backend can, the handback does not count as a delivery.
+    fn release(
+        &self,
+        tokens: Vec<(Self::Token, u32)>,
+    ) -> impl Future<Output = Result<(), BusError>> + Send;
+
+    /// Called once, at the end of a graceful shutdown: hands back what the
+    /// backend still holds for this consumer in this process, so that it does
+    /// not wait for the ack wait. Most backends hold nothing.
+    fn release_held(&self) -> impl Future<Output = Result<(), BusError>> + Send {
+        std::future::ready(Ok(()))
+    }
+
     /// Makes a failed delivery available again after `delay`.
     fn retry(
         &self,
@@ -94,6 +119,8 @@ enum Settle<T> {
     Ack(T),
     Retry(T, u32, Duration),
     DeadLetter(T, Event),
+    /// Hand back without an outcome; the deliveries that count so far.
+    Release(T, u32),
 }
 
 struct Ctx {
@@ -102,6 +129,8 @@ struct Ctx {
     opts: SubscribeOptions,
     metrics: Arc<Metrics>,
     group_stats: Arc<GroupCounters>,
+    /// Cancelled when graceful shutdown begins.
+    stop: CancellationToken,
 }
 
 /// Starts the three tasks of a subscription.
@@ -123,6 +152,7 @@ pub(crate) fn spawn<C: Consumer>(
         opts,
         metrics,
         group_stats,
+        stop: stop.clone(),
     });
     let (deliveries_tx, deliveries_rx) = mpsc::unbounded_channel();
     let (settle_tx, settle_rx) = mpsc::unbounded_channel();
@@ -212,6 +242,7 @@ struct Failure {
     message: String,
     permanent: bool,
     retry_after: Option<Duration>,
+    release: bool,
 }
 
 impl Failure {
@@ -220,6 +251,7 @@ impl Failure {
             message,
             permanent: false,
             retry_after: None,
+            release: false,
         }
     }
 }
@@ -312,6 +344,7 @@ impl<T: Unpin> Future for Run<T> {
                     message: n.to_string(),
                     permanent: n.is_permanent(),
                     retry_after: n.get_retry_after(),
+                    release: n.is_release(),
                 },
                 None => Failure::plain(e.to_string()),
             }),
@@ -344,6 +377,15 @@ async fn runner<T: Send + Sync + Unpin + 'static>(
                 if settle.send(done).is_err() { return; }
             }
             batch = deliveries.recv(), if open => match batch {
+                Some(batch) if ctx.stop.is_cancelled() => {
+                    // Fetched, but shutdown began before it started: not
+                    // ours to run any more, so hand it back now.
+                    let done = batch
+                        .into_iter()
+                        .map(|d| Settle::Release(d.token, d.attempt.saturating_sub(1)))
+                        .collect();
+                    if settle.send(done).is_err() { return; }
+                }
                 Some(batch) => {
                     let redelivered = batch.iter().filter(|d| d.attempt > 1).count();
                     ctx.metrics.delivered(batch.len() as u64, redelivered as u64);
@@ -395,6 +437,12 @@ fn decide<T>(ctx: &Ctx, (d, result, took): Outcome<T>) -> Settle<T> {
     ctx.metrics.handler_latency(took);
     match result {
         Ok(()) => Settle::Ack(d.token),
+        // Refused because this process is stopping: not a failure. (While not
+        // stopping, a release is retried like a failure, so a handler that
+        // refuses everything cannot spin.)
+        Err(failure) if failure.release && ctx.stop.is_cancelled() => {
+            Settle::Release(d.token, d.attempt.saturating_sub(1))
+        }
         Err(failure) => {
             ctx.metrics.handler_error();
             let Ok(event) = d.payload else {
@@ -455,6 +503,7 @@ async fn settler<C: Consumer>(
 ) {
     let backoff = io_backoff();
     let mut acks = Vec::new();
+    let mut releases = Vec::new();
     let mut batch = Vec::new();
     let mut batches = Vec::new();
     while rx.recv_many(&mut batches, 64).await > 0 {
@@ -463,6 +512,7 @@ async fn settler<C: Consumer>(
         for s in batch.drain(..) {
             match s {
                 Settle::Ack(t) => acks.push(t),
+                Settle::Release(t, counted) => releases.push((t, counted)),
                 Settle::Retry(t, attempt, delay) => {
                     if let Err(error) = consumer.retry(t, attempt, delay).await {
                         // The broker redelivers it after the ack wait anyway.
@@ -506,6 +556,180 @@ async fn settler<C: Consumer>(
                 }
             }
         }
+        if !releases.is_empty() {
+            let n = releases.len();
+            if let Err(error) = consumer.release(std::mem::take(&mut releases)).await {
+                tracing::warn!(%error, n, "handing back deliveries failed; they come back after the ack wait");
+            } else {
+                tracing::debug!(topic = %ctx.topic, group = %ctx.group, n, "handed back unhandled deliveries");
+            }
+        }
         permits.add_permits(settled);
+    }
+    if stop.is_cancelled()
+        && let Err(error) = consumer.release_held().await
+    {
+        tracing::warn!(%error, "handing back scheduled retries failed; they come back after the ack wait");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The shutdown promise on a scripted backend, where the timing of a
+    //! fetch that completes after shutdown began is under the test's control.
+
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use parking_lot::Mutex;
+    use tokio::sync::Notify;
+
+    use super::*;
+    use crate::stats::BusStats;
+
+    #[derive(Default)]
+    struct Script {
+        fetches: AtomicUsize,
+        /// The second fetch (a blocking read) returns once this is notified.
+        answer: Notify,
+        acked: Mutex<Vec<u32>>,
+        retried: Mutex<Vec<u32>>,
+        released: Mutex<Vec<(u32, u32)>>,
+        released_held: AtomicBool,
+    }
+
+    struct Scripted(Arc<Script>);
+
+    fn delivery(n: u32, attempt: u32) -> Delivery<u32> {
+        let event = Event::builder()
+            .source("/t")
+            .ty("t")
+            .id(n.to_string())
+            .build()
+            .unwrap();
+        Delivery {
+            token: n,
+            attempt,
+            payload: Ok(event),
+        }
+    }
+
+    impl Consumer for Scripted {
+        type Token = u32;
+        const CANCEL_SAFE_FETCH: bool = false;
+
+        async fn fetch(&self, _max: usize) -> Result<Vec<Delivery<u32>>, BusError> {
+            match self.0.fetches.fetch_add(1, Ordering::SeqCst) {
+                0 => Ok(vec![delivery(1, 1)]),
+                1 => {
+                    self.0.answer.notified().await;
+                    Ok(vec![delivery(2, 1), delivery(3, 2)])
+                }
+                // Later reads find nothing within their block time.
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    Ok(Vec::new())
+                }
+            }
+        }
+        async fn ack(&self, tokens: &[u32]) -> Result<(), BusError> {
+            self.0.acked.lock().extend_from_slice(tokens);
+            Ok(())
+        }
+        async fn release(&self, tokens: Vec<(u32, u32)>) -> Result<(), BusError> {
+            self.0.released.lock().extend(tokens);
+            Ok(())
+        }
+        async fn release_held(&self) -> Result<(), BusError> {
+            self.0.released_held.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+        async fn retry(&self, token: u32, _attempt: u32, _delay: Duration) -> Result<(), BusError> {
+            self.0.retried.lock().push(token);
+            Ok(())
+        }
+        async fn publish_dead_letter(&self, _topic: &str, _letter: &Event) -> Result<(), BusError> {
+            Ok(())
+        }
+    }
+
+    fn start(script: &Arc<Script>, handler: impl Handler) -> (Subscription, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::default());
+        let sub = spawn(
+            Scripted(Arc::clone(script)),
+            "t",
+            "g",
+            Arc::new(handler),
+            SubscribeOptions::default().max_in_flight(4),
+            Arc::clone(&metrics),
+            BusStats::default().group("t", "g"),
+        );
+        (sub, metrics)
+    }
+
+    async fn until(what: &str, cond: impl Fn() -> bool) {
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+            while !cond() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        waited.await.unwrap_or_else(|_| panic!("{what}"));
+    }
+
+    /// Deliveries a fetch returns after shutdown began are handed back with
+    /// the deliveries that count so far, never run nor acked; the consumer is
+    /// asked to release what it holds once the rest is settled.
+    #[tokio::test]
+    async fn deliveries_fetched_after_stop_are_handed_back() {
+        let script = Arc::new(Script::default());
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let r = Arc::clone(&ran);
+        let handler = move |e: Event| {
+            r.lock().push(e.id().to_owned());
+            std::future::ready(Ok::<_, HandlerError>(()))
+        };
+        let (sub, _) = start(&script, handler);
+        until("the first event is acked and the next fetch waits", || {
+            *script.acked.lock() == [1] && script.fetches.load(Ordering::SeqCst) == 2
+        })
+        .await;
+        sub.stop();
+        script.answer.notify_one();
+        sub.shutdown().await;
+        assert_eq!(*ran.lock(), ["1"]);
+        assert_eq!(*script.acked.lock(), [1]);
+        assert_eq!(*script.released.lock(), [(2, 0), (3, 1)]);
+        assert!(script.retried.lock().is_empty());
+        assert!(script.released_held.load(Ordering::SeqCst));
+    }
+
+    /// `Nack::release` hands the event back when the subscription is
+    /// stopping, and is an ordinary (retried) failure when it is not.
+    #[tokio::test]
+    async fn nack_release_hands_back_only_while_stopping() {
+        let script = Arc::new(Script::default());
+        let gate = Arc::new(Notify::new());
+        let g = Arc::clone(&gate);
+        let handler = move |e: Event| {
+            let g = Arc::clone(&g);
+            async move {
+                if e.id() == "2" {
+                    g.notified().await;
+                }
+                Err::<(), HandlerError>(crate::Nack::release("stopping").into())
+            }
+        };
+        let (sub, metrics) = start(&script, handler);
+        until("event 1 is retried", || *script.retried.lock() == [1]).await;
+        script.answer.notify_one();
+        until("event 3 is retried and 2 runs", || {
+            *script.retried.lock() == [1, 3]
+        })
+        .await;
+        sub.stop();
+        gate.notify_one();
+        sub.shutdown().await;
+        assert_eq!(*script.released.lock(), [(2, 0)]);
+        assert!(script.acked.lock().is_empty());
+        assert_eq!(metrics.snapshot().handler_errors, 2);
     }
 }

@@ -43,6 +43,17 @@
 //!   [`Nack::retry_after`] delays the redelivery at least that long. Entries that do not decode are
 //!   dead-lettered at once. Handlers should be idempotent, or wrapped in
 //!   [`middleware::idempotency`].
+//! - Graceful shutdown ([`Subscription::shutdown`]) stops fetching, lets
+//!   handlers that already started finish and acks those that succeed. Whatever
+//!   else the subscription had taken goes back to the group at once, for its
+//!   next consumer, instead of waiting out the ack wait: deliveries fetched but
+//!   not started, those whose handler refused with [`Nack::release`], and (on
+//!   Redis) failed events still waiting for their backoff, which keep it. The
+//!   bus never fetches more than `max_in_flight` deliveries ahead of its
+//!   handlers, so that is all there is. A handed-back event keeps its delivery
+//!   count, except on NATS JetStream, where the NAK that hands it back counts as
+//!   a delivery. Dropping a [`Subscription`] instead is a crash: its deliveries
+//!   come back after the ack wait.
 //! - Per-backend differences are [`Capabilities`]:
 //!
 //! | backend | URL | durable | new group replays | competing consumers | ordered per topic |

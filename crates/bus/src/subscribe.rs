@@ -55,8 +55,10 @@ impl Handler for Arc<dyn Handler> {
 /// A handler error that says how to settle the delivery, for handlers that
 /// know more than "failed": a permanent rejection goes to the dead-letter
 /// topic at once (reason `rejected`), a retry can ask for at least some delay
-/// (an HTTP `Retry-After`). Return it boxed as the handler's error; any other
-/// error is an ordinary failure (redelivered after the backoff).
+/// (an HTTP `Retry-After`), and a handler that will not handle the event
+/// because its process is stopping can hand it back ([`Nack::release`]).
+/// Return it boxed as the handler's error; any other error is an ordinary
+/// failure (redelivered after the backoff).
 ///
 /// ```
 /// # use switchboard_bus::{Event, HandlerError, Nack};
@@ -75,6 +77,7 @@ pub struct Nack {
     message: String,
     permanent: bool,
     retry_after: Option<Duration>,
+    release: bool,
 }
 
 impl Nack {
@@ -84,6 +87,7 @@ impl Nack {
             message: message.into(),
             permanent: true,
             retry_after: None,
+            release: false,
         }
     }
 
@@ -93,6 +97,24 @@ impl Nack {
             message: message.into(),
             permanent: false,
             retry_after: Some(after),
+            release: false,
+        }
+    }
+
+    /// Not handled because this process is stopping: when the subscription
+    /// is shutting down ([`Subscription::stop`] or [`Subscription::shutdown`]
+    /// was called), the event goes back to its group at once, with no backoff
+    /// and without counting as a delivery (except on NATS JetStream, where
+    /// the NAK that hands it back counts as one); the group's next consumer
+    /// gets it. While the subscription is not stopping, this is an ordinary
+    /// failure (redelivered after the backoff), so a handler that refuses
+    /// every event cannot make it spin.
+    pub fn release(message: impl Into<String>) -> Self {
+        Nack {
+            message: message.into(),
+            permanent: false,
+            retry_after: None,
+            release: true,
         }
     }
 
@@ -104,6 +126,11 @@ impl Nack {
     /// The least delay before the redelivery, if any.
     pub fn get_retry_after(&self) -> Option<Duration> {
         self.retry_after
+    }
+
+    /// Whether the event is handed back if the subscription is stopping ([`Nack::release`]).
+    pub fn is_release(&self) -> bool {
+        self.release
     }
 }
 
@@ -255,13 +282,25 @@ impl Subscription {
         &self.group
     }
 
-    /// Stops fetching, lets in-flight handlers finish, settles (acks) them,
-    /// and returns once all of that is done.
+    /// Stops fetching, lets handlers that already started finish, settles
+    /// (acks) them, hands back to the group what was fetched but not started
+    /// and what handlers refused with [`Nack::release`] (and, on Redis,
+    /// failed events still waiting for their backoff), and returns once all of
+    /// that is done. Nothing is acked without its handler's `Ok`, and the
+    /// group's next consumer need not wait for the ack wait.
     pub async fn shutdown(mut self) {
         self.stop.cancel();
         for task in std::mem::take(&mut self.tasks) {
             let _ = task.await;
         }
+    }
+
+    /// Begins [`Subscription::shutdown`] without waiting for it: from now on
+    /// nothing new is fetched, and a handler that returns [`Nack::release`]
+    /// hands its event back. Call it before letting the last handler you want
+    /// finish, so that no further event is fetched in the meantime.
+    pub fn stop(&self) {
+        self.stop.cancel();
     }
 
     /// Whether the subscription's tasks have all ended.

@@ -37,6 +37,9 @@ conformance_tests!(fixture();
     graceful_shutdown_finishes_in_flight,
     start_at_latest_and_delete_group,
     stats_and_lag,
+    shutdown_strands_nothing,
+    shutdown_hands_back_released,
+    shutdown_hands_back_scheduled_retries,
 );
 
 #[tokio::test]

@@ -6,7 +6,9 @@
 //! wait goes back to the group; a failed one comes back after its backoff; a
 //! new group starts at the oldest retained event. The log keeps at least
 //! `max_len` events (default 100,000; `memory://NAME?max_len=N`) and never
-//! drops an event some group has not acked.
+//! drops an event some group has not acked. A handed-back delivery
+//! ([`Consumer::release`]) is due at once with its delivery count as before,
+//! so the group's next fetch takes it ahead of new events.
 //!
 //! Timing uses `tokio::time`, so tests drive it with virtual time.
 
@@ -379,6 +381,25 @@ impl Consumer for MemoryConsumer {
                 g.ack(seq);
             }
         }
+        Ok(())
+    }
+
+    async fn release(&self, tokens: Vec<(u64, u32)>) -> Result<(), BusError> {
+        {
+            let now = Instant::now();
+            let mut s = self.topic.state.lock();
+            if let Some(g) = s.groups.get_mut(&self.group) {
+                for (seq, counted) in tokens {
+                    if let Some(p) = g.pending_mut(seq) {
+                        // Due now, as if this delivery had not happened.
+                        p.attempts = counted;
+                        p.deadline = now;
+                    }
+                }
+                g.next_deadline = Some(g.next_deadline.map_or(now, |n| n.min(now)));
+            }
+        }
+        self.topic.notify.notify_waiters();
         Ok(())
     }
 

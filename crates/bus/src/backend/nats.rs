@@ -4,13 +4,21 @@
 //! - **Publish** waits for the PubAck. Each message carries `Nats-Msg-Id` =
 //!   `source|id`, so a publisher that retries after a lost ack does not store
 //!   the event twice within the stream's duplicate window (2 minutes).
-//! - **Consume**: one pull stream per subscription, prefetching at most
-//!   `max_in_flight` messages. The consumer's `ack_wait` is the subscription's;
+//! - **Consume**: pull requests for no more messages than the subscription
+//!   has room for: a no-wait request for up to the free `max_in_flight`
+//!   slots, and when that finds none, a request for one message that waits
+//!   up to `block` (a continuous pull stream would keep buffering messages in
+//!   the client while handlers run, stranding them until the ack wait when the
+//!   subscription stops). The consumer's `ack_wait` is the subscription's;
 //!   `max_deliver` is `max_deliveries + 1`, so that the bus sees the delivery
 //!   after the last allowed one and dead-letters it itself (JetStream alone
 //!   would only drop it with an advisory).
 //! - **Retries** are negative acks with the backoff as delay; JetStream
 //!   redelivers to any consumer of the group.
+//! - **Handing back** at shutdown (fetched, not handled; or a handler's
+//!   [`crate::Nack::release`]) is a NAK without delay. JetStream counts it
+//!   as a delivery: such an event has one delivery fewer left before it is
+//!   dead-lettered.
 //! - **Retention**: messages older than `retention` (default 24 h) are
 //!   removed by JetStream (`max_age`), acknowledged or not.
 //!
@@ -24,8 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::pull, message::Acker, stream};
-use futures::{FutureExt, StreamExt};
-use tokio::sync::Mutex;
+use futures::StreamExt;
 
 use crate::codec;
 use crate::driver::{Consumer, Delivery, Malformed};
@@ -228,8 +235,6 @@ impl Nats {
                 },
                 known: Arc::clone(&self.known),
             },
-            prefetch: opts.max_in_flight,
-            messages: Mutex::new(None),
         })
     }
 }
@@ -237,9 +242,6 @@ impl Nats {
 pub(crate) struct NatsConsumer {
     consumer: jetstream::consumer::Consumer<pull::Config>,
     nats: Nats,
-    prefetch: usize,
-    /// The pull stream, opened lazily and re-opened after it ends.
-    messages: Mutex<Option<pull::Stream>>,
 }
 
 fn delivery(msg: jetstream::Message) -> Delivery<Acker> {
@@ -258,45 +260,62 @@ fn delivery(msg: jetstream::Message) -> Delivery<Acker> {
     }
 }
 
+/// Reads a pull request's messages to its end (all asked for, or the
+/// server's end-of-request status).
+async fn drain(mut batch: pull::Batch) -> Result<Vec<Delivery<Acker>>, BusError> {
+    let mut out = Vec::new();
+    while let Some(msg) = batch.next().await {
+        match msg {
+            Ok(msg) => out.push(delivery(msg)),
+            Err(e) if out.is_empty() => return Err(unavailable(e)),
+            // What arrived before the error is ours: keep it, or it would
+            // wait for the ack wait.
+            Err(e) => {
+                tracing::debug!(error = %e, "pull request ended early");
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
 impl Consumer for NatsConsumer {
     type Token = Acker;
-    // `StreamExt::next` loses nothing when dropped: messages stay buffered.
-    const CANCEL_SAFE_FETCH: bool = true;
+    // A pull request's messages are delivered to this client whether or not
+    // it reads them: dropping one midway would strand them until the ack wait.
+    const CANCEL_SAFE_FETCH: bool = false;
 
+    /// One pull request for up to `max` messages that answers at once
+    /// (`no_wait`); when there are none, one that waits up to `block` for a
+    /// single message. The bus never asks for more than it has room for, so
+    /// nothing sits unhandled in the client when the subscription stops
+    /// (a continuous pull stream would keep pulling while handlers run).
     async fn fetch(&self, max: usize) -> Result<Vec<Delivery<Acker>>, BusError> {
-        let mut guard = self.messages.lock().await;
-        if guard.is_none() {
-            let stream = self
-                .consumer
-                .stream()
-                .max_messages_per_batch(self.prefetch.max(1))
-                .heartbeat(Duration::from_secs(2))
-                .expires(Duration::from_secs(10))
-                .messages()
-                .await
-                .map_err(unavailable)?;
-            *guard = Some(stream);
+        let block = self.nats.settings.block;
+        let now = self
+            .consumer
+            .fetch()
+            .max_messages(max.max(1))
+            .messages()
+            .await
+            .map_err(unavailable)?;
+        // The server answers a no-wait request at once; the limit only
+        // matters if it never does (the request was lost in a reconnect).
+        let out = tokio::time::timeout(block + Duration::from_secs(5), drain(now))
+            .await
+            .map_err(|_| BusError::Unavailable("no answer to a pull request".into()))??;
+        if !out.is_empty() {
+            return Ok(out);
         }
-        let Some(stream) = guard.as_mut() else {
-            return Ok(Vec::new());
-        };
-        let first = match tokio::time::timeout(self.nats.settings.block, stream.next()).await {
-            Err(_) => return Ok(Vec::new()),
-            Ok(None) => {
-                *guard = None;
-                return Err(BusError::Unavailable("pull stream ended".into()));
-            }
-            Ok(Some(Err(e))) => return Err(unavailable(e)),
-            Ok(Some(Ok(msg))) => msg,
-        };
-        let mut out = vec![delivery(first)];
-        while out.len() < max {
-            match stream.next().now_or_never() {
-                Some(Some(Ok(msg))) => out.push(delivery(msg)),
-                _ => break,
-            }
-        }
-        Ok(out)
+        let wait = self
+            .consumer
+            .batch()
+            .max_messages(1)
+            .expires(block)
+            .messages()
+            .await
+            .map_err(unavailable)?;
+        drain(wait).await
     }
 
     async fn ack(&self, tokens: &[Acker]) -> Result<(), BusError> {
@@ -305,6 +324,18 @@ impl Consumer for NatsConsumer {
         }
         // Acks are plain publishes: make sure they left this process before
         // the settler reports them done (a shutdown may follow at once).
+        self.nats.client.flush().await.map_err(unavailable)
+    }
+
+    async fn release(&self, tokens: Vec<(Acker, u32)>) -> Result<(), BusError> {
+        for (acker, _) in &tokens {
+            // JetStream cannot take a delivery back: a NAK without delay makes
+            // the message available to the group at once, and counts.
+            acker
+                .ack_with(AckKind::Nak(None))
+                .await
+                .map_err(unavailable)?;
+        }
         self.nats.client.flush().await.map_err(unavailable)
     }
 

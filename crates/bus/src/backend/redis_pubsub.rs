@@ -227,6 +227,17 @@ impl Consumer for PubSubConsumer {
         Ok(())
     }
 
+    async fn release(&self, tokens: Vec<(u64, u32)>) -> Result<(), BusError> {
+        // Pub/Sub keeps nothing for another subscriber to take: a handed-back
+        // event is lost, like any event in flight when a subscriber stops.
+        tracing::debug!(
+            n = tokens.len(),
+            "redis+pubsub: dropping events handed back at shutdown"
+        );
+        let tokens: Vec<u64> = tokens.into_iter().map(|(t, _)| t).collect();
+        self.ack(&tokens).await
+    }
+
     async fn retry(&self, token: u64, _attempt: u32, delay: Duration) -> Result<(), BusError> {
         self.state
             .lock()

@@ -7,14 +7,21 @@
 //!   response timeout is longer than the block (redis-rs would otherwise cut
 //!   every blocking read at its 500 ms default); acks are batched `XACK`s on
 //!   the shared connection. A new group starts at `0`: it sees retained events.
-//! - **Crashed consumers**: every consumer periodically runs `XAUTOCLAIM` with
-//!   `min-idle-time` = ack wait, then reads the claimed entries' delivery
+//! - **Crashed consumers**: every consumer runs `XAUTOCLAIM` with
+//!   `min-idle-time` = ack wait when it starts and then every ack wait / 2
+//!   (at most every second), then reads the claimed entries' delivery
 //!   counts with `XPENDING`; an entry delivered more than `max_deliveries`
 //!   times is dead-lettered without running the handler (a poison event that
 //!   kills its consumers still ends in the dead-letter topic).
 //! - **Retries**: a failed entry stays pending; after its backoff the same
 //!   consumer takes it again with `XCLAIM` (which bumps the delivery count and
 //!   resets the idle time, so nobody else reclaims it meanwhile).
+//! - **Handing back** at shutdown: entries fetched but not handled (and
+//!   failed ones still waiting for their backoff) get
+//!   `XCLAIM key group <self> 0 <ids> IDLE <ms> RETRYCOUNT <n> JUSTID`: the
+//!   idle time makes them due for every consumer's next `XAUTOCLAIM` at once
+//!   (a failed entry: when its backoff ends), and the delivery count is set
+//!   back to what it was before the unhandled delivery (`XAUTOCLAIM` adds one).
 //! - **Trimming**: every `trim_interval` the bus trims each stream it used with
 //!   `XTRIM MINID ~`, below the oldest entry that any group has pending or not
 //!   yet read, and older than `retention`: unacknowledged entries are never trimmed.
@@ -222,7 +229,9 @@ impl RedisStreams {
             .consumer_name
             .clone()
             .unwrap_or_else(|| format!("c-{}", uuid::Uuid::new_v4().simple()));
-        let reclaim_every = (opts.ack_wait / 2).max(Duration::from_millis(20));
+        // Often enough that entries a stopping peer handed back are taken soon.
+        let reclaim_every =
+            (opts.ack_wait / 2).clamp(Duration::from_millis(20), Duration::from_secs(1));
         Ok(RedisConsumer {
             shared: Arc::clone(&self.shared),
             key,
@@ -613,6 +622,23 @@ impl RedisConsumer {
             .collect())
     }
 
+    /// `XCLAIM` of `ids` to ourselves that makes them idle for `idle` and
+    /// sets their delivery count to `deliveries`, without bumping it (`JUSTID`).
+    fn hand_back(&self, ids: &[StreamId], idle: Duration, deliveries: u32) -> redis::Cmd {
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(&self.key)
+            .arg(&self.group)
+            .arg(&self.name)
+            .arg(0)
+            .arg(ids)
+            .arg("IDLE")
+            .arg(u64::try_from(idle.as_millis()).unwrap_or(u64::MAX))
+            .arg("RETRYCOUNT")
+            .arg(deliveries)
+            .arg("JUSTID");
+        cmd
+    }
+
     async fn read_new(&self, max: usize) -> Result<Vec<Delivery<StreamId>>, BusError> {
         let block = {
             let st = self.state.lock();
@@ -689,6 +715,49 @@ impl Consumer for RedisConsumer {
                 .await
                 .map_err(|e| redis_error(&e))?;
         }
+        Ok(())
+    }
+
+    async fn release(&self, tokens: Vec<(StreamId, u32)>) -> Result<(), BusError> {
+        let mut by_count: std::collections::BTreeMap<u32, Vec<StreamId>> = Default::default();
+        for (id, counted) in tokens {
+            by_count.entry(counted).or_default().push(id);
+        }
+        let mut pipe = redis::pipe();
+        for (counted, ids) in by_count {
+            // Idle for the whole ack wait: due for the next XAUTOCLAIM.
+            pipe.add_command(self.hand_back(&ids, self.ack_wait, counted))
+                .ignore();
+        }
+        let mut conn = self.shared.conn.clone();
+        let () = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error(&e))?;
+        Ok(())
+    }
+
+    async fn release_held(&self) -> Result<(), BusError> {
+        let held = std::mem::take(&mut self.state.lock().retries).into_vec();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut pipe = redis::pipe();
+        for Reverse((due, id, deliveries)) in held {
+            // Due for XAUTOCLAIM when its backoff ends: idle for the ack wait
+            // less what is left of the backoff.
+            let idle = self
+                .ack_wait
+                .saturating_sub(due.saturating_duration_since(now));
+            pipe.add_command(self.hand_back(&[id], idle, deliveries))
+                .ignore();
+        }
+        let mut conn = self.shared.conn.clone();
+        let () = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error(&e))?;
         Ok(())
     }
 

@@ -12,8 +12,10 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use switchboard_bus::deadletter::{DeadLetter, Reason};
-use switchboard_bus::{Bus, Capabilities, Event, HandlerError, RetryBackoff, SubscribeOptions};
-use tokio::sync::mpsc;
+use switchboard_bus::{
+    Bus, Capabilities, Event, HandlerError, Nack, RetryBackoff, SubscribeOptions, current_delivery,
+};
+use tokio::sync::{Semaphore, mpsc};
 
 /// How long a case waits for what it expects before failing.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -477,6 +479,9 @@ macro_rules! conformance_tests {
             broker_restart_loses_nothing,
             start_at_latest_and_delete_group,
             stats_and_lag,
+            shutdown_strands_nothing,
+            shutdown_hands_back_released,
+            shutdown_hands_back_scheduled_retries,
         );
     };
     (@cases $fixture:expr; $($case:ident),* $(,)?) => {
@@ -546,4 +551,200 @@ pub async fn stats_and_lag(f: &mut dyn Fixture) {
     assert_eq!((g.delivered, g.acked, g.lag), (4, 4, Some(3)), "{g:?}");
     assert_eq!(snap.recent[0].id, "e00006");
     assert_eq!(bus.stats().find("e00002", 10).len(), 1);
+}
+
+/// An ack wait far longer than the shutdown cases below wait for a handed-back
+/// event: one left stranded until the ack wait fails them.
+const STRANDED: Duration = Duration::from_secs(30);
+
+/// How soon a handed-back event must reach the group's next consumer.
+const HANDBACK: Duration = Duration::from_secs(8);
+
+/// A handler that reports each delivery's event id and attempt.
+fn attempt_recorder() -> (
+    impl switchboard_bus::Handler,
+    mpsc::UnboundedReceiver<(String, u32)>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let handler = move |e: Event| {
+        let tx = tx.clone();
+        async move {
+            let attempt = current_delivery().map_or(0, |d| d.attempt);
+            let _ = tx.send((e.id().to_owned(), attempt));
+            Ok::<_, HandlerError>(())
+        }
+    };
+    (handler, rx)
+}
+
+/// Receives until `n` distinct ids arrived (id -> attempt of its last
+/// delivery); panics if that takes longer than `within`.
+async fn collect_attempts(
+    rx: &mut mpsc::UnboundedReceiver<(String, u32)>,
+    n: usize,
+    within: Duration,
+) -> BTreeMap<String, u32> {
+    let mut got = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while got.len() < n {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some((id, attempt))) => {
+                got.insert(id, attempt);
+            }
+            _ => panic!(
+                "only {got:?} of {n} events reached the next consumer within {within:?} \
+                 (the ack wait is {STRANDED:?})"
+            ),
+        }
+    }
+    got
+}
+
+/// A handler that reports each event it starts and then waits for a permit
+/// of `gate` before it returns `outcome()`.
+fn gated<F>(
+    gate: &Arc<Semaphore>,
+    outcome: F,
+) -> (
+    impl switchboard_bus::Handler,
+    mpsc::UnboundedReceiver<Event>,
+)
+where
+    F: Fn() -> Result<(), HandlerError> + Send + Sync + Copy + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    let gate = Arc::clone(gate);
+    let handler = move |e: Event| {
+        let (tx, gate) = (tx.clone(), Arc::clone(&gate));
+        async move {
+            let _ = tx.send(e);
+            gate.acquire().await.expect("gate open").forget();
+            outcome()
+        }
+    };
+    (handler, rx)
+}
+
+/// A subscription shut down while its handler runs leaves nothing behind:
+/// with `max_in_flight(1)` it has fetched no event but the one it handles, so
+/// the group's next consumer gets the rest at once, not after the ack wait
+/// (a client that prefetched more would strand them until then).
+pub async fn shutdown_strands_nothing(f: &mut dyn Fixture) {
+    let bus = Bus::open(&f.url()).await.unwrap();
+    if !bus.capabilities().redelivery_after_crash {
+        return skip(
+            &bus.capabilities(),
+            "that a group keeps events for its next consumer",
+        );
+    }
+    let topic = unique("strand");
+    let gate = Arc::new(Semaphore::new(0));
+    let (h, mut started) = gated(&gate, || Ok(()));
+    let opts = fast_options().ack_wait(STRANDED).max_in_flight(1);
+    let sub = bus.subscribe(&topic, "g", h, opts).await.unwrap();
+    publish_n(&bus, &topic, 0..5).await;
+    assert_eq!(collect_ids(&mut started, 1).await, ["e00000"]);
+    // Stop fetching before the running handler finishes, as `events tail --count` does.
+    sub.stop();
+    gate.add_permits(1);
+    tokio::time::timeout(HANDBACK, sub.shutdown())
+        .await
+        .expect("shutdown within the handback time");
+    let (h, mut rx) = attempt_recorder();
+    let next = bus
+        .subscribe(&topic, "g", h, fast_options().ack_wait(STRANDED))
+        .await
+        .unwrap();
+    let got = collect_attempts(&mut rx, 4, HANDBACK).await;
+    let want: BTreeMap<String, u32> = ids(1..5).into_iter().map(|id| (id, 1)).collect();
+    assert_eq!(
+        got, want,
+        "e00000 was acked; the others were never delivered"
+    );
+    next.shutdown().await;
+}
+
+/// Handlers running when shutdown begins that refuse with [`Nack::release`]
+/// hand their events back to the group: the next consumer gets them at once.
+/// A release does not count as a delivery, except on NATS (a NAK does).
+pub async fn shutdown_hands_back_released(f: &mut dyn Fixture) {
+    let bus = Bus::open(&f.url()).await.unwrap();
+    if !bus.capabilities().redelivery_after_crash {
+        return skip(
+            &bus.capabilities(),
+            "that a group keeps events for its next consumer",
+        );
+    }
+    let topic = unique("release");
+    let gate = Arc::new(Semaphore::new(0));
+    let (h, mut started) = gated(&gate, || Err(Nack::release("stopping").into()));
+    let opts = fast_options().ack_wait(STRANDED).max_in_flight(4);
+    let sub = bus.subscribe(&topic, "g", h, opts).await.unwrap();
+    publish_n(&bus, &topic, 0..4).await;
+    collect_ids(&mut started, 4).await;
+    sub.stop();
+    gate.add_permits(4);
+    tokio::time::timeout(HANDBACK, sub.shutdown())
+        .await
+        .expect("shutdown within the handback time");
+    let m = bus.metrics().snapshot();
+    assert_eq!((m.acked, m.handler_errors), (0, 0), "{m:?}");
+    let (h, mut rx) = attempt_recorder();
+    let next = bus
+        .subscribe(&topic, "g", h, fast_options().ack_wait(STRANDED))
+        .await
+        .unwrap();
+    let got = collect_attempts(&mut rx, 4, HANDBACK).await;
+    let attempt = if bus.capabilities().backend == "nats" {
+        2
+    } else {
+        1
+    };
+    let want: BTreeMap<String, u32> = ids(0..4).into_iter().map(|id| (id, attempt)).collect();
+    assert_eq!(got, want);
+    next.shutdown().await;
+}
+
+/// A failed event whose redelivery is still waiting for its backoff when the
+/// subscription shuts down goes to the next consumer once the backoff ends,
+/// not after the ack wait (Redis keeps it in-process until then).
+pub async fn shutdown_hands_back_scheduled_retries(f: &mut dyn Fixture) {
+    let bus = Bus::open(&f.url()).await.unwrap();
+    if !bus.capabilities().redelivery_after_crash {
+        return skip(
+            &bus.capabilities(),
+            "that a group keeps events for its next consumer",
+        );
+    }
+    let topic = unique("pending-retry");
+    let (tx, mut failed) = mpsc::unbounded_channel();
+    let failing = move |e: Event| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(e);
+            Err::<(), HandlerError>("fails once".into())
+        }
+    };
+    let backoff = Duration::from_secs(1);
+    let opts = fast_options()
+        .ack_wait(STRANDED)
+        .backoff(RetryBackoff::constant(backoff));
+    let sub = bus.subscribe(&topic, "g", failing, opts).await.unwrap();
+    publish_n(&bus, &topic, 0..1).await;
+    collect_ids(&mut failed, 1).await;
+    let failed_at = tokio::time::Instant::now();
+    tokio::time::timeout(HANDBACK, sub.shutdown())
+        .await
+        .expect("shutdown within the handback time");
+    let (h, mut rx) = attempt_recorder();
+    let next = bus
+        .subscribe(&topic, "g", h, fast_options().ack_wait(STRANDED))
+        .await
+        .unwrap();
+    let got = collect_attempts(&mut rx, 1, HANDBACK).await;
+    assert_eq!(got, BTreeMap::from([("e00000".to_owned(), 2)]));
+    // The backoff still holds (less a little for clocks measured apart).
+    let waited = failed_at.elapsed();
+    assert!(waited >= backoff / 2, "redelivered after {waited:?}");
+    next.shutdown().await;
 }
