@@ -3,7 +3,10 @@
 //! - `publish TYPE JSON`: exits 0 only once the backend accepted the event.
 //! - `tail TYPE...`: one line per event (`type id data`); with `--group`, a
 //!   durable group that resumes where it stopped; without, a throwaway group
-//!   that starts at the newest event and is deleted on exit.
+//!   that starts at the newest event and is deleted on exit. An event is
+//!   acked only once its line is on stdout; what was fetched but not printed
+//!   when `tail` stops (`--count` reached, Ctrl-C) is handed back to the
+//!   group, so the next run prints it at once.
 //! - `dlq list` / `dlq replay`: the dead-letter topic's retained letters, and
 //!   re-publishing them to the topics they came from.
 
@@ -13,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use switchboard_bus::deadletter::DeadLetter;
 use switchboard_bus::subscribe::DEFAULT_DEAD_LETTER_TOPIC;
-use switchboard_bus::{Bus, Event, HandlerError, SubscribeOptions};
+use switchboard_bus::{Bus, Event, HandlerError, Nack, SubscribeOptions};
 
 /// Arguments of `switchboard events`.
 #[derive(Debug, clap::Args)]
@@ -152,6 +155,9 @@ fn line(event: &Event) -> String {
     format!("{} {} {}", event.ty(), event.id(), data)
 }
 
+/// A line for the printer, and where it says the line is on stdout.
+type Printed = (String, tokio::sync::oneshot::Sender<()>);
+
 async fn tail(
     bus: &Bus,
     types: &[String],
@@ -160,15 +166,20 @@ async fn tail(
 ) -> anyhow::Result<()> {
     let throwaway = group.is_none();
     let group = group.unwrap_or_else(|| format!("tail-{}", std::process::id()));
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    // A handler returns `Ok` (acks) only once its line is on stdout; an event
+    // the printer did not take (the count was reached, Ctrl-C) is handed back
+    // to the group, so the next `tail --group` prints it.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Printed>();
     let mut subs = Vec::new();
     for ty in types {
         let tx = tx.clone();
         let handler = move |event: Event| {
             let tx = tx.clone();
             async move {
-                tx.send(line(&event))
-                    .map_err(|_| HandlerError::from("tail is stopping"))
+                let (done, printed) = tokio::sync::oneshot::channel();
+                let stopping = || HandlerError::from(Nack::release("tail is stopping"));
+                tx.send((line(&event), done)).map_err(|_| stopping())?;
+                printed.await.map_err(|_| stopping())
             }
         };
         let opts = SubscribeOptions::default()
@@ -186,17 +197,30 @@ async fn tail(
     loop {
         tokio::select! {
             next = rx.recv() => {
-                let Some(l) = next else { break };
+                let Some((l, done)) = next else { break };
                 writeln!(stdout, "{l}").context("writing to stdout")?;
                 stdout.flush().context("writing to stdout")?;
                 printed += 1;
                 if count.is_some_and(|c| printed >= c) {
+                    // Stop fetching before this event's handler acks it, so
+                    // that no subscription takes another one meanwhile.
+                    for sub in &subs {
+                        sub.stop();
+                    }
+                    let _ = done.send(());
                     break;
                 }
+                let _ = done.send(());
             }
             _ = tokio::signal::ctrl_c() => break,
         }
     }
+    // Lines not printed: their handlers see the printer gone and, the
+    // subscriptions being stopped, hand their events back.
+    for sub in &subs {
+        sub.stop();
+    }
+    drop(rx);
     for sub in subs {
         sub.shutdown().await;
     }
