@@ -827,7 +827,14 @@ pub async fn run(args: &RegistryChaos) -> anyhow::Result<()> {
     // A dead instance may stay passing for its TTL, plus the owner's poll
     // (TTL/4, at most 2 s) twice when the owner was killed, plus an outage.
     let poll = (args.ttl / 4).clamp(Duration::from_millis(25), Duration::from_secs(2));
-    let slack = args.down + poll * 2 + Duration::from_secs(2);
+    // A Redis that lost its data is restored from the processes' views, and a
+    // restored passing TTL instance gets one TTL of grace (store::redis docs).
+    let grace = if args.redis_loses_data {
+        args.ttl
+    } else {
+        Duration::ZERO
+    };
+    let slack = args.down + poll * 2 + Duration::from_secs(2) + grace;
     let monitor_stop = Arc::new(AtomicBool::new(false));
     let monitor_task = tokio::spawn(monitor(Arc::clone(&sh), slack, Arc::clone(&monitor_stop)));
     let until = flap_start + Duration::from_secs(args.seconds);
