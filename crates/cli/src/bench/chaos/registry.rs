@@ -841,7 +841,11 @@ pub async fn run(args: &RegistryChaos) -> anyhow::Result<()> {
     let (mut redis_kills, mut registry_kills) = (0u64, [0u64; 2]);
     let mut turn = 0usize;
     loop {
-        let next = Instant::now() + Duration::from_secs(args.fault_every.max(1));
+        // Fault k starts k * fault_every after the flapping began, however long
+        // the previous restart took: the number of faults depends only on the arguments.
+        let next = flap_start
+            + Duration::from_secs(args.fault_every.max(1))
+                * u32::try_from(turn + 1).unwrap_or(u32::MAX);
         if next >= until {
             tokio::time::sleep_until(until.into()).await;
             break;
