@@ -38,6 +38,7 @@ conformance_tests!(fixture();
     start_at_latest_and_delete_group,
     stats_and_lag,
     shutdown_strands_nothing,
+    shutdown_mid_stream_strands_nothing,
     shutdown_hands_back_released,
     shutdown_hands_back_scheduled_retries,
 );

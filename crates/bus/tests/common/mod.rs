@@ -480,6 +480,7 @@ macro_rules! conformance_tests {
             start_at_latest_and_delete_group,
             stats_and_lag,
             shutdown_strands_nothing,
+            shutdown_mid_stream_strands_nothing,
             shutdown_hands_back_released,
             shutdown_hands_back_scheduled_retries,
         );
@@ -661,6 +662,52 @@ pub async fn shutdown_strands_nothing(f: &mut dyn Fixture) {
         got, want,
         "e00000 was acked; the others were never delivered"
     );
+    next.shutdown().await;
+}
+
+/// A subscription shut down while it is busy consuming a backlog strands
+/// nothing: every event it did not handle reaches the group's next consumer
+/// at once. (A fetch dropped midway, or a client that pulled ahead of its
+/// handlers, would keep some until the ack wait.)
+pub async fn shutdown_mid_stream_strands_nothing(f: &mut dyn Fixture) {
+    let bus = Bus::open(&f.url()).await.unwrap();
+    if !bus.capabilities().redelivery_after_crash {
+        return skip(
+            &bus.capabilities(),
+            "that a group keeps events for its next consumer",
+        );
+    }
+    let topic = unique("busy");
+    let batch: Vec<Event> = (0..40).map(|n| event(&topic, n)).collect();
+    bus.publish_batch(batch).await.unwrap();
+    // Handlers slower than fetching, so that room, not events, limits fetches.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let slow = move |e: Event| {
+        let tx = tx.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let _ = tx.send(e);
+            Ok::<_, HandlerError>(())
+        }
+    };
+    let opts = fast_options().ack_wait(STRANDED).max_in_flight(4);
+    let sub = bus.subscribe(&topic, "g", slow, opts).await.unwrap();
+    let mut handled: BTreeSet<String> = collect_ids(&mut rx, 5).await.into_iter().collect();
+    tokio::time::timeout(HANDBACK, sub.shutdown())
+        .await
+        .expect("shutdown within the handback time");
+    while let Ok(e) = rx.try_recv() {
+        handled.insert(e.id().to_owned());
+    }
+    let (h, mut rx) = attempt_recorder();
+    let next = bus
+        .subscribe(&topic, "g", h, fast_options().ack_wait(STRANDED))
+        .await
+        .unwrap();
+    let rest = 40 - handled.len();
+    let got = collect_attempts(&mut rx, rest, HANDBACK).await;
+    let all: BTreeSet<String> = handled.iter().cloned().chain(got.into_keys()).collect();
+    assert_eq!(all, ids(0..40));
     next.shutdown().await;
 }
 
