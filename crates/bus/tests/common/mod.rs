@@ -229,10 +229,11 @@ pub async fn redelivery_after_handler_error(f: &mut dyn Fixture) {
             }
         }
     };
-    let sub = bus
-        .subscribe(&topic, "g", handler, fast_options())
-        .await
-        .unwrap();
+    // Redelivery after an error follows the backoff, not the ack wait; a long
+    // ack wait keeps a slow (loaded) machine from also reclaiming an entry
+    // whose retry is running, which would make a fourth attempt.
+    let opts = fast_options().ack_wait(Duration::from_secs(10));
+    let sub = bus.subscribe(&topic, "g", handler, opts).await.unwrap();
     publish_n(&bus, &topic, 0..10).await;
     let got: BTreeSet<_> = collect_ids(&mut rx, 10).await.into_iter().collect();
     assert_eq!(got, ids(0..10));
