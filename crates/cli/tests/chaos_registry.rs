@@ -56,7 +56,7 @@ async fn registry_views_converge_after_redis_and_registry_kills() {
     assert_eq!(flap["heartbeat_not_found"], 0, "{stdout}");
     let converged = report["converged_after_s"].as_f64().expect("converged");
     // Dead instances turn critical one TTL (2 s) after their last heartbeat,
-    // noticed within a TTL/4 poll; the rest is propagation.
+    // noticed by a deadline scan within 250 ms; the rest is propagation.
     assert!(converged < 15.0, "converged after {converged} s:\n{stdout}");
     eprintln!(
         "converged {converged:.2} s after settling; whole run {:.1} s",

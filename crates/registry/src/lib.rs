@@ -74,8 +74,9 @@
 //!   counter; blocking queries compare against it (use one registry server per client).
 //! - **Stores.** `memory://` keeps everything in-process. `redis://HOST:PORT` shares
 //!   one view among processes; see the `store::redis` module docs for keys,
-//!   leases (each check runs in one process; takeover within two intervals) and
-//!   resynchronisation.
+//!   leases (each active check runs in one process; takeover within two
+//!   intervals), TTL expiry (one deadline scan per process, not a task per
+//!   instance) and resynchronisation.
 //!
 //! # Defaults
 //! | setting | default |

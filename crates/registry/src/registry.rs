@@ -422,18 +422,22 @@ impl Registry {
             entry.last_heartbeat = Instant::now();
             match &entry.reg.check {
                 Some(CheckSpec {
-                    kind: CheckKind::Ttl { ttl },
+                    kind: CheckKind::Ttl { .. },
                     ..
                 }) => {
                     // Only a TTL checker cares; waking an HTTP checker would probe early.
                     entry.wake.notify_one();
-                    Some(*ttl)
+                    RedisStore::ttl_meta(&entry.reg).map(|meta| (entry.generation, meta))
                 }
                 _ => None,
             }
         };
-        if let (Store::Redis(store), Some(ttl)) = (&self.inner.store, ttl) {
-            store.heartbeat(service, id, ttl).await?;
+        if let (Store::Redis(store), Some((generation, meta))) = (&self.inner.store, ttl) {
+            // A critical instance turns passing in Redis and is announced; every
+            // process (this one too) applies it from the notification. Not
+            // re-read here: that waits for the mirror's lock, and slow
+            // heartbeats under load would let more instances expire.
+            store.heartbeat(service, id, generation, &meta).await?;
         }
         Ok(())
     }
@@ -560,7 +564,8 @@ impl Registry {
     }
 
     /// Number of instances whose checks this process runs right now (for the
-    /// Redis store, those whose lease it holds).
+    /// Redis store, the active checks whose lease it holds; TTL instances are
+    /// expired by every process's scanner and not counted).
     pub fn checks_owned(&self) -> usize {
         match &self.inner.store {
             Store::Memory => self
@@ -710,7 +715,14 @@ impl Inner {
             return;
         }
         let wake = Arc::new(Notify::new());
-        let task = known.reg.check.clone().map(|spec| {
+        // Redis store: TTL instances have no task; one scanner per process
+        // expires them (see `store::redis`).
+        let shared_ttl = matches!(self.store, Store::Redis(_))
+            && matches!(
+                known.reg.check.as_ref().map(|c| &c.kind),
+                Some(CheckKind::Ttl { .. })
+            );
+        let task = known.reg.check.clone().filter(|_| !shared_ttl).map(|spec| {
             let handle = tokio::spawn(check_loop(
                 Arc::clone(self),
                 Arc::clone(slot),
@@ -886,7 +898,7 @@ impl Inner {
     }
 
     /// Time left before a TTL check expires; `None` when the instance is gone.
-    async fn ttl_remaining(
+    fn ttl_remaining(
         &self,
         slot: &Slot,
         id: &str,
@@ -901,11 +913,7 @@ impl Inner {
                 .filter(|e| e.generation == generation)?;
             e.last_heartbeat
         };
-        let local = (last + ttl).saturating_duration_since(Instant::now());
-        match &self.store {
-            Store::Memory => Some(local),
-            Store::Redis(store) => Some(store.ttl_remaining(&slot.name, id).await.unwrap_or(local)),
-        }
+        Some((last + ttl).saturating_duration_since(Instant::now()))
     }
 
     pub(crate) fn apply_records(
@@ -1069,23 +1077,11 @@ async fn ttl_loop(
     ttl: Duration,
     wake: &Notify,
 ) {
-    // Memory: sleep exactly until the deadline. Redis: heartbeats may land in
-    // another process, so poll the heartbeat key a few times per TTL.
-    let poll = match inner.store {
-        Store::Memory => None,
-        Store::Redis(_) => Some((ttl / 4).clamp(Duration::from_millis(25), Duration::from_secs(2))),
-    };
+    // Memory store only (the Redis store expires TTL instances with one scanner
+    // per process): sleep exactly until the deadline.
     let mut critical_since: Option<Instant> = None;
     loop {
-        if !inner
-            .own_check(&slot.name, id, lease_hold(poll.unwrap_or(ttl)))
-            .await
-        {
-            critical_since = None;
-            tokio::time::sleep(retry_after(poll.unwrap_or(ttl))).await;
-            continue;
-        }
-        let Some(remaining) = inner.ttl_remaining(slot, id, generation, ttl).await else {
+        let Some(remaining) = inner.ttl_remaining(slot, id, generation, ttl) else {
             return;
         };
         let Some(status) = inner.entry_status(slot, id, generation) else {
@@ -1114,9 +1110,6 @@ async fn ttl_loop(
                     .publish_status(slot, id, generation, Status::Passing, None)
                     .await;
             }
-        }
-        if let Some(poll) = poll {
-            wait = wait.min(poll);
         }
         tokio::select! {
             () = tokio::time::sleep(wait) => {}

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use futures::StreamExt;
 use switchboard_registry::{
     CheckSpec, Registration, Registry, RegistryError, RegistryOptions, ServiceView, Status,
 };
@@ -146,15 +147,17 @@ async fn one_process_checks_and_another_takes_over_when_it_dies() {
     .unwrap();
     until(&b, "web", 5, |v| v.passing.len() == 1).await;
 
-    // exactly one process probes
-    tokio::time::sleep(interval * 2).await;
+    // exactly one process probes. The bounds allow a loaded 2-core machine
+    // (late ticks make fewer probes, never more); two probers would make about 20.
+    until(&a, "web", 5, |_| a.checks_owned() + b.checks_owned() == 1).await;
+    tokio::time::sleep(interval).await;
     assert_eq!(a.checks_owned() + b.checks_owned(), 1);
     let before = backend.hits.load(Ordering::SeqCst);
-    tokio::time::sleep(interval * 5).await;
+    tokio::time::sleep(interval * 10).await;
     let hits = backend.hits.load(Ordering::SeqCst) - before;
     assert!(
-        (3..=7).contains(&hits),
-        "{hits} checks in 5 intervals: more than one prober?"
+        (1..=13).contains(&hits),
+        "{hits} checks in 10 intervals: more than one prober (or none)?"
     );
 
     // kill the owner (drop without releasing its lease, like a crash)
@@ -165,9 +168,11 @@ async fn one_process_checks_and_another_takes_over_when_it_dies() {
     };
     drop(owner);
     let t = Instant::now();
-    let took = until(&other, "web", 5, |_| other.checks_owned() == 1).await;
+    let took = until(&other, "web", 10, |_| other.checks_owned() == 1).await;
+    // two intervals by design; the slack is for a loaded machine (a lease that
+    // never expired would fail here)
     assert!(
-        took <= interval * 2 + Duration::from_millis(250),
+        took <= interval * 2 + Duration::from_secs(2),
         "takeover took {:?}",
         t.elapsed()
     );
@@ -181,9 +186,9 @@ async fn one_process_checks_and_another_takes_over_when_it_dies() {
     // a graceful shutdown hands the lease over at once
     let third = open(&redis.url()).await;
     other.shutdown().await;
-    let took = until(&third, "web", 5, |_| third.checks_owned() == 1).await;
+    let took = until(&third, "web", 10, |_| third.checks_owned() == 1).await;
     assert!(
-        took <= interval * 2 + Duration::from_millis(250),
+        took <= interval * 2 + Duration::from_secs(2),
         "handover took {took:?}"
     );
 }
@@ -412,4 +417,144 @@ async fn a_deregistration_after_redis_lost_its_data_is_not_undone_by_a_restore()
         .await
         .unwrap();
     until(&a, "cart", 3, |v| v.instances.len() == 2).await;
+}
+
+/// Counts the messages that arrive until none comes for 300 ms.
+async fn drain(c: &mut (impl futures::Stream<Item = redis::Msg> + Unpin)) -> usize {
+    let mut seen = 0;
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), c.next()).await {
+        seen += 1;
+    }
+    seen
+}
+
+async fn commands_processed(raw: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(raw)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("total_commands_processed in INFO stats")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_expiry_costs_redis_work_per_change_not_per_instance() {
+    // Found by `switchboard bench chaos registry --instances 10000`: one checker
+    // task and lease per TTL instance in every process made about 6 Redis calls
+    // per instance per second.
+    let Some(redis) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    let a = open(&redis.url()).await;
+    let b = open(&redis.url()).await;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let mut changes = client.get_async_pubsub().await.unwrap();
+    changes
+        .subscribe("switchboard:registry:changes")
+        .await
+        .unwrap();
+    let mut changes = Box::pin(changes.into_on_message());
+
+    let n = 300;
+    let reg = |ttl| {
+        Registration::new("127.0.0.1", 4300).check(CheckSpec::ttl(Duration::from_millis(ttl)))
+    };
+    for i in 0..n {
+        a.register("many", &format!("m{i}"), reg(30_000))
+            .await
+            .unwrap();
+    }
+    until(&b, "many", 5, |v| v.passing.len() == n).await;
+    // quiet: nothing heartbeats or expires for 2 s
+    let before = commands_processed(&mut raw).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = commands_processed(&mut raw).await - before;
+    // two scanners at 4/s and the resyncs (every 300 ms here): well under 300 in
+    // 2 s; a call per instance per second would be 600 or more
+    assert!(
+        used < 300,
+        "{used} redis commands in 2 s with {n} idle TTL instances"
+    );
+
+    // one short-lived instance expires: both views see it critical, and the
+    // flip is announced once (two scanners never both flip it)
+    drain(&mut changes).await;
+    let started = Instant::now();
+    b.register("short", "s1", reg(500)).await.unwrap();
+    let st = |v: &ServiceView| v.instances.first().map(|i| i.status);
+    until(&a, "short", 5, |v| st(v) == Some(Status::Critical)).await;
+    until(&b, "short", 5, |v| st(v) == Some(Status::Critical)).await;
+    let took = started.elapsed();
+    // TTL 500 ms + a scan (250 ms) + a notification; slack for a loaded machine
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(3),
+        "expired after {took:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // the registration and the flip
+    assert_eq!(drain(&mut changes).await, 2);
+    // a heartbeat through A turns it passing on both
+    a.heartbeat("short", "s1").await.unwrap();
+    until(&a, "short", 3, |v| st(v) == Some(Status::Passing)).await;
+    until(&b, "short", 3, |v| st(v) == Some(Status::Passing)).await;
+    // the 300 others did not move
+    assert_eq!(a.view("many").unwrap().passing.len(), n);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_ttl_instance_is_deregistered_after_its_critical_time_everywhere() {
+    let Some(redis) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    let a = open(&redis.url()).await;
+    let b = open(&redis.url()).await;
+    let check = CheckSpec::ttl(Duration::from_millis(400))
+        .deregister_critical_after(Duration::from_millis(600));
+    a.register(
+        "tmp",
+        "t1",
+        Registration::new("127.0.0.1", 4400).check(check),
+    )
+    .await
+    .unwrap();
+    until(&b, "tmp", 3, |v| v.passing.len() == 1).await;
+    // kept alive through B for a while
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        b.heartbeat("tmp", "t1").await.unwrap();
+    }
+    assert_eq!(a.view("tmp").unwrap().passing.len(), 1);
+    // dead: critical, then gone from both views
+    until(&a, "tmp", 5, |v| {
+        v.instances.len() == 1 && v.passing.is_empty()
+    })
+    .await;
+    until(&a, "tmp", 5, |v| v.instances.is_empty()).await;
+    until(&b, "tmp", 5, |v| v.instances.is_empty()).await;
+    assert!(matches!(
+        b.heartbeat("tmp", "t1").await,
+        Err(RegistryError::NotFound { .. })
+    ));
+    // and nothing is left of it in Redis but the tombstone
+    let mut raw = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let left: u64 = redis::cmd("ZCARD")
+        .arg("switchboard:registry:deadlines")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    let gone: bool = redis::cmd("EXISTS")
+        .arg("switchboard:registry:gone:tmp:t1")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(gone, "no tombstone for the deregistered instance");
 }

@@ -4,13 +4,19 @@
 //! - `P:services`: SET of service names.
 //! - `P:svc:{service}`: HASH id -> registration record (JSON, with its generation).
 //! - `P:status:{service}`: HASH id -> `generation|status|last_check_ms`.
-//! - `P:hb:{service}:{id}`: TTL heartbeat, `SET ... PX ttl`.
-//! - `P:lease:{service}:{id}`: which process runs the instance's check, `SET NX PX`.
+//! - `P:deadlines`: ZSET `{service}/{id}` -> when the TTL instance expires (Redis
+//!   `TIME`, ms), written by the registration and every heartbeat in the same
+//!   script; after it turned critical, when it is deregistered
+//!   (`deregister_critical_after`), or absent.
+//! - `P:ttls`: HASH `{service}/{id}` -> `ttl_ms|deregister_after_ms` of every TTL
+//!   instance (the after part empty for never).
+//! - `P:lease:{service}:{id}`: which process runs an active check, `SET NX PX`.
 //! - `P:epoch`: a random value created when the registry first meets an empty
 //!   Redis. A process that finds a different epoch than the one it last saw
 //!   knows Redis lost its data and writes back (`HSETNX`) every instance it knows.
 //!   A restored TTL instance keeps its status: a passing one gets one TTL of
 //!   grace, a critical one stays critical until it heartbeats.
+//! - `P:hb:{service}:{id}`: the heartbeat key of earlier versions; only deleted.
 //! - `P:gone:{service}:{id}`: a deregistration's tombstone (10 resync intervals,
 //!   at least 60 s): a restore leaves that instance out, so a process that had
 //!   not heard of the deregistration yet cannot bring it back. Only a
@@ -27,10 +33,22 @@
 //! replaced registration cannot overwrite the new one.
 //!
 //! # Check ownership
-//! Every process runs a checker task per instance, but only the holder of the
-//! instance's lease probes it. The owner renews the lease every interval for
-//! 1.5 intervals; others retry every half interval, so when the owner dies
-//! another process takes over within two intervals.
+//! Active checks: every process runs a checker task per instance, but only the
+//! holder of the instance's lease probes it. The owner renews the lease every
+//! interval for 1.5 intervals; others retry every half interval, so when the
+//! owner dies another process takes over within two intervals.
+//!
+//! TTL checks have no task and no lease: a heartbeat moves the instance's
+//! deadline in `P:deadlines` (and turns a critical instance passing) in one
+//! script, and every process runs one scanner every [`SCAN_EVERY`] whose script
+//! takes the expired deadlines (`ZRANGEBYSCORE -inf now`), turns those
+//! instances critical (or deregisters those critical for their
+//! `deregister_critical_after`) and announces each changed service once. The
+//! scripts run atomically, so two scanners never both act on an instance, and a
+//! heartbeat that lands first moves the deadline out of the scan's reach. Redis
+//! work is a few scans per second per process plus one write per change, not
+//! per instance; a dead instance turns critical within its TTL plus
+//! [`SCAN_EVERY`] plus the notification's delay, on every process.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -50,6 +68,12 @@ use crate::registry::{
 /// Bound on every Redis round trip: a dead Redis must not stall checks or writes.
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How often each process scans for expired TTL deadlines.
+pub(crate) const SCAN_EVERY: Duration = Duration::from_millis(250);
+
+/// Expired deadlines handled per scan script call (the scan repeats at once while full).
+const SCAN_BATCH: usize = 500;
+
 pub(crate) struct RedisStore {
     client: redis::Client,
     conn: ConnectionManager,
@@ -65,6 +89,9 @@ pub(crate) struct RedisStore {
     status_script: redis::Script,
     delete_script: redis::Script,
     ensure_script: redis::Script,
+    put_script: redis::Script,
+    heartbeat_script: redis::Script,
+    scan_script: redis::Script,
     /// How long a deregistration's tombstone keeps restores from bringing the instance back.
     tombstone: Duration,
 }
@@ -187,6 +214,8 @@ impl RedisStore {
                   local n = redis.call('HDEL', KEYS[1], ARGV[1])
                   redis.call('HDEL', KEYS[2], ARGV[1])
                   redis.call('DEL', KEYS[3], KEYS[4])
+                  redis.call('ZREM', KEYS[7], ARGV[5])
+                  redis.call('HDEL', KEYS[8], ARGV[5])
                   redis.call('SET', KEYS[6], '1', 'PX', ARGV[4])
                   redis.call('PUBLISH', KEYS[5], ARGV[3])
                   return n",
@@ -197,9 +226,103 @@ impl RedisStore {
                   local created = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
                   redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[3])
                   redis.call('SADD', KEYS[3], ARGV[4])
-                  if ARGV[5] ~= '' then redis.call('SET', KEYS[4], '1', 'PX', ARGV[5], 'NX') end
-                  if created == 1 then redis.call('PUBLISH', KEYS[6], ARGV[4]) end
+                  if created == 1 then
+                    if ARGV[7] ~= '' then redis.call('HSET', KEYS[8], ARGV[9], ARGV[7]) end
+                    if ARGV[5] ~= '' then
+                      local t = redis.call('TIME')
+                      local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+                      redis.call('ZADD', KEYS[7], 'NX', now + tonumber(ARGV[5]), ARGV[9])
+                    end
+                    redis.call('PUBLISH', KEYS[6], ARGV[4])
+                  elseif ARGV[8] ~= '' and redis.call('HEXISTS', KEYS[8], ARGV[9]) == 1 then
+                    -- a re-registration with the same body: a passing instance that
+                    -- lost its deadline gets one TTL (never renews an existing one)
+                    local t = redis.call('TIME')
+                    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+                    redis.call('ZADD', KEYS[7], 'NX', now + tonumber(ARGV[8]), ARGV[9])
+                  end
                   return created",
+            ),
+            put_script: redis::Script::new(
+                r"redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+                  redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+                  redis.call('SADD', KEYS[3], ARGV[4])
+                  redis.call('DEL', KEYS[4], KEYS[5])
+                  if ARGV[5] ~= '' then
+                    local t = redis.call('TIME')
+                    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+                    redis.call('HSET', KEYS[7], ARGV[7], ARGV[6])
+                    redis.call('ZADD', KEYS[8], now + tonumber(ARGV[5]), ARGV[7])
+                  else
+                    redis.call('HDEL', KEYS[7], ARGV[7])
+                    redis.call('ZREM', KEYS[8], ARGV[7])
+                  end
+                  redis.call('PUBLISH', KEYS[6], ARGV[4])
+                  return 1",
+            ),
+            heartbeat_script: redis::Script::new(
+                r"local meta = redis.call('HGET', KEYS[3], ARGV[2])
+                  local cur = redis.call('HGET', KEYS[2], ARGV[1])
+                  local gen, status, last
+                  if cur then gen, status, last = string.match(cur, '^([^|]*)|([^|]*)|(.*)$') end
+                  if not meta then
+                    -- written by an older version (or lost): only for the generation we know
+                    if gen ~= ARGV[4] or redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+                    meta = ARGV[5]
+                    redis.call('HSET', KEYS[3], ARGV[2], meta)
+                  end
+                  local ttl = tonumber(string.match(meta, '^([^|]*)'))
+                  local t = redis.call('TIME')
+                  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+                  redis.call('ZADD', KEYS[4], now + ttl, ARGV[2])
+                  if gen and status == 'critical' then
+                    redis.call('HSET', KEYS[2], ARGV[1], gen .. '|passing|' .. last)
+                    redis.call('PUBLISH', KEYS[5], ARGV[3])
+                    return 2
+                  end
+                  return 1",
+            ),
+            // Touches the status, registration and tombstone keys of the
+            // instances it finds (built from the prefix): fine on one Redis,
+            // not on a Redis Cluster (the registry does not support one).
+            scan_script: redis::Script::new(
+                r"local p = ARGV[1]
+                  local dl, meta_key = KEYS[1], KEYS[2]
+                  local t = redis.call('TIME')
+                  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+                  local due = redis.call('ZRANGEBYSCORE', dl, '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
+                  local changed = {}
+                  for _, m in ipairs(due) do
+                    local svc, id = string.match(m, '^([^/]*)/(.*)$')
+                    local meta = redis.call('HGET', meta_key, m)
+                    local st, cur, gen, status, last
+                    if svc and meta then
+                      st = p .. ':status:' .. svc
+                      cur = redis.call('HGET', st, id)
+                      if cur then gen, status, last = string.match(cur, '^([^|]*)|([^|]*)|(.*)$') end
+                    end
+                    if not gen then
+                      redis.call('ZREM', dl, m)
+                    else
+                      local after = tonumber(string.match(meta, '|(.*)$'))
+                      if status ~= 'critical' then
+                        redis.call('HSET', st, id, gen .. '|critical|' .. last)
+                        if after then redis.call('ZADD', dl, now + after, m) else redis.call('ZREM', dl, m) end
+                        changed[svc] = true
+                      elseif after then
+                        redis.call('HDEL', p .. ':svc:' .. svc, id)
+                        redis.call('HDEL', st, id)
+                        redis.call('ZREM', dl, m)
+                        redis.call('HDEL', meta_key, m)
+                        redis.call('SET', p .. ':gone:' .. svc .. ':' .. id, '1', 'PX', ARGV[2])
+                        changed[svc] = true
+                      else
+                        redis.call('ZREM', dl, m)
+                      end
+                    end
+                  end
+                  for svc, _ in pairs(changed) do redis.call('PUBLISH', KEYS[3], svc) end
+                  return #due",
             ),
         })
     }
@@ -220,6 +343,16 @@ impl RedisStore {
     }
     fn k_hb(&self, service: &str, id: &str) -> String {
         format!("{}:hb:{service}:{id}", self.prefix)
+    }
+    fn k_deadlines(&self) -> String {
+        format!("{}:deadlines", self.prefix)
+    }
+    fn k_ttls(&self) -> String {
+        format!("{}:ttls", self.prefix)
+    }
+    /// The member of an instance in `P:deadlines` and `P:ttls` (`/` is in neither name).
+    fn member(service: &str, id: &str) -> String {
+        format!("{service}/{id}")
     }
     fn k_lease(&self, service: &str, id: &str) -> String {
         format!("{}:lease:{service}:{id}", self.prefix)
@@ -253,6 +386,18 @@ impl RedisStore {
         }
     }
 
+    /// `ttl_ms|deregister_after_ms` of a TTL instance (`P:ttls`); `None` for other checks.
+    pub(crate) fn ttl_meta(reg: &Registration) -> Option<String> {
+        let ttl = Self::ttl_of(reg)?;
+        let after = reg
+            .check
+            .as_ref()
+            .and_then(|c| c.deregister_critical_after)
+            .map(|a| millis_u64(a).to_string())
+            .unwrap_or_default();
+        Some(format!("{}|{after}", millis_u64(ttl).max(1)))
+    }
+
     /// Writes a (new generation of an) instance and announces it.
     pub(crate) async fn put(
         &self,
@@ -260,26 +405,31 @@ impl RedisStore {
         id: &str,
         known: &Known,
     ) -> Result<(), RegistryError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .hset(self.k_svc(service), id, Self::stored_json(known)?)
-            .ignore()
-            .hset(
-                self.k_status(service),
-                id,
-                status_value(known.generation, known.status, known.last_check),
-            )
-            .ignore()
-            .sadd(self.k_services(), service)
-            .ignore()
-            .del(self.k_gone(service, id))
-            .ignore();
-        if let Some(ttl) = Self::ttl_of(&known.reg) {
-            pipe.pset_ex(self.k_hb(service, id), 1, millis_u64(ttl))
-                .ignore();
-        }
-        pipe.publish(self.channel(), service).ignore();
-        bounded(pipe.query_async::<()>(&mut self.conn())).await
+        let ttl_ms = Self::ttl_of(&known.reg)
+            .map(|t| millis_u64(t).max(1).to_string())
+            .unwrap_or_default();
+        let mut inv = self.put_script.prepare_invoke();
+        inv.key(self.k_svc(service))
+            .key(self.k_status(service))
+            .key(self.k_services())
+            .key(self.k_gone(service, id))
+            .key(self.k_hb(service, id))
+            .key(self.channel())
+            .key(self.k_ttls())
+            .key(self.k_deadlines())
+            .arg(id)
+            .arg(Self::stored_json(known)?)
+            .arg(status_value(
+                known.generation,
+                known.status,
+                known.last_check,
+            ))
+            .arg(service)
+            .arg(ttl_ms)
+            .arg(Self::ttl_meta(&known.reg).unwrap_or_default())
+            .arg(Self::member(service, id));
+        let _: i64 = bounded(inv.invoke_async(&mut self.conn())).await?;
+        Ok(())
     }
 
     /// Re-creates an instance if Redis lost it (data loss repair); keeps what is there otherwise.
@@ -294,11 +444,24 @@ impl RedisStore {
         known: &Known,
         force: bool,
     ) -> Result<bool, RegistryError> {
-        // The heartbeat key is only re-created for an instance that was passing
-        // (a grace of one TTL), and never renewed: a restore or a re-registration
-        // with the same body is not a heartbeat, and must not turn a dead TTL
-        // instance passing again (as the memory store does not either).
+        // A deadline is only re-created for an instance that was passing (a grace
+        // of one TTL), and never moved: a restore or a re-registration with the
+        // same body is not a heartbeat, and must not turn a dead TTL instance
+        // passing again (as the memory store does not either). A restored
+        // critical instance with `deregister_critical_after` gets that long.
+        let after = known
+            .reg
+            .check
+            .as_ref()
+            .and_then(|c| c.deregister_critical_after);
         let hb_ms = match Self::ttl_of(&known.reg) {
+            Some(ttl) if known.status == Status::Passing => millis_u64(ttl).max(1).to_string(),
+            Some(_) => after
+                .map(|a| millis_u64(a).max(1).to_string())
+                .unwrap_or_default(),
+            None => String::new(),
+        };
+        let renew_ms = match Self::ttl_of(&known.reg) {
             Some(ttl) if known.status == Status::Passing => millis_u64(ttl).max(1).to_string(),
             _ => String::new(),
         };
@@ -309,6 +472,8 @@ impl RedisStore {
             .key(self.k_hb(service, id))
             .key(self.k_gone(service, id))
             .key(self.channel())
+            .key(self.k_deadlines())
+            .key(self.k_ttls())
             .arg(id)
             .arg(Self::stored_json(known)?)
             .arg(status_value(
@@ -318,7 +483,10 @@ impl RedisStore {
             ))
             .arg(service)
             .arg(hb_ms)
-            .arg(if force { "1" } else { "0" });
+            .arg(if force { "1" } else { "0" })
+            .arg(Self::ttl_meta(&known.reg).unwrap_or_default())
+            .arg(renew_ms)
+            .arg(Self::member(service, id));
         let n: i64 = bounded(inv.invoke_async(&mut self.conn())).await?;
         Ok(n >= 0)
     }
@@ -337,10 +505,13 @@ impl RedisStore {
             .key(self.k_lease(service, id))
             .key(self.channel())
             .key(self.k_gone(service, id))
+            .key(self.k_deadlines())
+            .key(self.k_ttls())
             .arg(id)
             .arg(generation.map(|g| g.to_string()).unwrap_or_default())
             .arg(service)
-            .arg(millis_u64(self.tombstone).max(1));
+            .arg(millis_u64(self.tombstone).max(1))
+            .arg(Self::member(service, id));
         let n: i64 = bounded(inv.invoke_async(&mut self.conn())).await?;
         Ok(n > 0)
     }
@@ -390,31 +561,41 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Renews a TTL heartbeat.
+    /// Renews a TTL heartbeat: moves the deadline, and turns a critical
+    /// instance passing (announced).
     pub(crate) async fn heartbeat(
         &self,
         service: &str,
         id: &str,
-        ttl: Duration,
+        generation: u64,
+        meta: &str,
     ) -> Result<(), RegistryError> {
-        let _: () = bounded(
-            self.conn()
-                .pset_ex(self.k_hb(service, id), 1, millis_u64(ttl)),
-        )
-        .await?;
+        let mut inv = self.heartbeat_script.prepare_invoke();
+        inv.key(self.k_svc(service))
+            .key(self.k_status(service))
+            .key(self.k_ttls())
+            .key(self.k_deadlines())
+            .key(self.channel())
+            .arg(id)
+            .arg(Self::member(service, id))
+            .arg(service)
+            .arg(generation.to_string())
+            .arg(meta);
+        let _: i64 = bounded(inv.invoke_async(&mut self.conn())).await?;
         Ok(())
     }
 
-    /// Time left on a TTL heartbeat; `None` when Redis cannot tell.
-    pub(crate) async fn ttl_remaining(&self, service: &str, id: &str) -> Option<Duration> {
-        let ms: i64 = bounded(self.conn().pttl(self.k_hb(service, id)))
-            .await
-            .ok()?;
-        match ms {
-            -2 => Some(Duration::ZERO),
-            ms if ms >= 0 => Some(Duration::from_millis(ms.unsigned_abs())),
-            _ => None,
-        }
+    /// Handles every expired TTL deadline (see the module docs); returns how many were due.
+    pub(crate) async fn scan_expired(&self) -> Result<usize, RegistryError> {
+        let mut inv = self.scan_script.prepare_invoke();
+        inv.key(self.k_deadlines())
+            .key(self.k_ttls())
+            .key(self.channel())
+            .arg(&self.prefix)
+            .arg(millis_u64(self.tombstone).max(1))
+            .arg(SCAN_BATCH);
+        let n: i64 = bounded(inv.invoke_async(&mut self.conn())).await?;
+        Ok(usize::try_from(n).unwrap_or(0))
     }
 
     /// Acquires or renews the lease on an instance's check.
@@ -599,6 +780,35 @@ pub(crate) async fn start(registry: &Registry) -> Result<(), RegistryError> {
         tokio::select! {
             () = sub_cancel.cancelled() => {}
             () = subscriber(sub_weak, client, channel) => {}
+        }
+    });
+    let scan_weak = weak.clone();
+    let scan_cancel = cancel.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SCAN_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = scan_cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let Some(inner) = scan_weak.upgrade() else {
+                return;
+            };
+            let Store::Redis(store) = &inner.store else {
+                return;
+            };
+            // A full batch: more are due, scan again at once.
+            loop {
+                match store.scan_expired().await {
+                    Ok(n) if n >= SCAN_BATCH => {}
+                    Ok(_) => break,
+                    Err(error) => {
+                        tracing::debug!(%error, "registry ttl scan failed; will retry");
+                        break;
+                    }
+                }
+            }
         }
     });
     tokio::spawn(async move {
