@@ -507,9 +507,7 @@ impl Gateway {
         if let Some(bridge) = &self.publish
             && parts.uri.path() == bridge.publish_on().1
         {
-            return bridge
-                .handle_publish(Request::from_parts(parts, body))
-                .await;
+            return Box::pin(bridge.handle_publish(Request::from_parts(parts, body))).await;
         }
 
         // Phase 2: route. The Host header only narrows among configured routes.
@@ -566,8 +564,13 @@ impl Gateway {
             return Box::pin(self.upgrade(fin, parts, on_upgrade, cfg, state, client, deadline))
                 .await;
         }
-        // Phase 3: body.
-        let body = match self.read_body(body, cfg, deadline).await {
+        // Phase 3: body (an empty one without entering the reader's state).
+        let body = if body.is_end_stream() {
+            Ok(ReqBody::Empty)
+        } else {
+            Box::pin(self.read_body(body, cfg, deadline)).await
+        };
+        let body = match body {
             Ok(b) => b,
             Err(p) => return self.problem(fin, p.0, &p.1, None),
         };
@@ -723,7 +726,7 @@ impl Gateway {
             let keep_for_retry = more_after && retry_after_send && replayable;
             let result = if cfg.protocol == Protocol::H2c {
                 let req = attempt_request(&mut parts, &mut body, keep_for_retry);
-                self.send_h2(req, &u, cfg, attempt_deadline)
+                Box::pin(self.send_h2(req, &u, cfg, attempt_deadline))
                     .await
                     .map(|r| (r, None))
             } else {
@@ -731,10 +734,10 @@ impl Gateway {
                 let conn = match pool::take_idle(u.addr, &self.pool, start) {
                     Some(c) => Ok(c),
                     None => {
-                        match timeout_at(
+                        match Box::pin(timeout_at(
                             attempt_deadline,
                             pool::connect(u.addr, cfg.connect_timeout),
-                        )
+                        ))
                         .await
                         {
                             Ok(r) => r.map_err(|_| Failure::Connect),
@@ -796,7 +799,7 @@ impl Gateway {
                         && retry_after_send
                         && more_after
                         && body.is_some()
-                        && self.may_retry(state, attempt, cfg, deadline, false).await
+                        && Box::pin(self.may_retry(state, attempt, cfg, deadline, false)).await
                     {
                         u.outstanding.dec();
                         // Kept in case no other instance can be tried.
@@ -847,8 +850,7 @@ impl Gateway {
                     if safe
                         && more_after
                         && body.is_some()
-                        && self
-                            .may_retry(state, attempt, cfg, deadline, nothing_sent)
+                        && Box::pin(self.may_retry(state, attempt, cfg, deadline, nothing_sent))
                             .await
                     {
                         last = Some((p, detail));
@@ -920,17 +922,22 @@ impl Gateway {
                 // The pooled connection closed before anything was written
                 // (the keep-alive race): nothing was sent, use a fresh one.
                 Some(req) => {
-                    let fresh =
-                        timeout_at(deadline, pool::connect(addr, cfg.connect_timeout)).await;
-                    let Ok(Ok(c)) = fresh else {
-                        return Err(Failure::Connect);
-                    };
-                    *conn = c;
-                    match timeout_at(deadline, conn.send_request(req)).await {
-                        Err(_) => Err(Failure::Timeout),
-                        Ok(Ok(res)) => Ok(res),
-                        Ok(Err(_)) => Err(Failure::Reset),
-                    }
+                    // Boxed, like every cold path of the request future: its
+                    // size is what each keep-alive connection holds.
+                    Box::pin(async move {
+                        let fresh =
+                            timeout_at(deadline, pool::connect(addr, cfg.connect_timeout)).await;
+                        let Ok(Ok(c)) = fresh else {
+                            return Err(Failure::Connect);
+                        };
+                        *conn = c;
+                        match timeout_at(deadline, conn.send_request(req)).await {
+                            Err(_) => Err(Failure::Timeout),
+                            Ok(Ok(res)) => Ok(res),
+                            Ok(Err(_)) => Err(Failure::Reset),
+                        }
+                    })
+                    .await
                 }
                 None => Err(Failure::Reset),
             },
