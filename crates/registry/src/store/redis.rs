@@ -54,7 +54,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use parking_lot::Mutex;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
@@ -860,14 +860,22 @@ async fn subscriber(weak: std::sync::Weak<Inner>, client: redis::Client, channel
                 }
                 let mut messages = ps.into_on_message();
                 while let Some(msg) = messages.next().await {
-                    let Ok(service) = msg.get_payload::<String>() else {
-                        continue;
-                    };
+                    // Coalesce: every notification already waiting is read
+                    // first, and each named service is re-read once (a burst
+                    // of changes to one service costs one read, not one each).
+                    let mut services = std::collections::BTreeSet::new();
+                    services.extend(msg.get_payload::<String>().ok());
+                    while let Some(Some(more)) = messages.next().now_or_never() {
+                        services.extend(more.get_payload::<String>().ok());
+                    }
                     let Some(inner) = weak.upgrade() else { return };
-                    if let Store::Redis(store) = &inner.store
-                        && let Err(error) = store.resync_service(&inner, &service).await
-                    {
-                        tracing::warn!(service, %error, "registry resync of one service failed");
+                    let Store::Redis(store) = &inner.store else {
+                        return;
+                    };
+                    for service in services {
+                        if let Err(error) = store.resync_service(&inner, &service).await {
+                            tracing::warn!(service, %error, "registry resync of one service failed");
+                        }
                     }
                 }
                 tracing::warn!("registry lost its redis subscription; reconnecting");
