@@ -562,6 +562,20 @@ const STRANDED: Duration = Duration::from_secs(30);
 /// How soon a handed-back event must reach the group's next consumer.
 const HANDBACK: Duration = Duration::from_secs(8);
 
+/// Subscribes the group's next consumer of `topic`, waits until `n` distinct
+/// events reached it (id -> attempt of its last delivery) and shuts it down;
+/// panics if they take longer than [`HANDBACK`].
+async fn next_consumer_gets(bus: &Bus, topic: &str, n: usize) -> BTreeMap<String, u32> {
+    let (h, mut rx) = attempt_recorder();
+    let next = bus
+        .subscribe(topic, "g", h, fast_options().ack_wait(STRANDED))
+        .await
+        .unwrap();
+    let got = collect_attempts(&mut rx, n, HANDBACK).await;
+    next.shutdown().await;
+    got
+}
+
 /// A handler that reports each delivery's event id and attempt.
 fn attempt_recorder() -> (
     impl switchboard_bus::Handler,
@@ -652,18 +666,12 @@ pub async fn shutdown_strands_nothing(f: &mut dyn Fixture) {
     tokio::time::timeout(HANDBACK, sub.shutdown())
         .await
         .expect("shutdown within the handback time");
-    let (h, mut rx) = attempt_recorder();
-    let next = bus
-        .subscribe(&topic, "g", h, fast_options().ack_wait(STRANDED))
-        .await
-        .unwrap();
-    let got = collect_attempts(&mut rx, 4, HANDBACK).await;
+    let got = next_consumer_gets(&bus, &topic, 4).await;
     let want: BTreeMap<String, u32> = ids(1..5).into_iter().map(|id| (id, 1)).collect();
     assert_eq!(
         got, want,
         "e00000 was acked; the others were never delivered"
     );
-    next.shutdown().await;
 }
 
 /// A subscription shut down while it is busy consuming a backlog strands
@@ -700,16 +708,10 @@ pub async fn shutdown_mid_stream_strands_nothing(f: &mut dyn Fixture) {
     while let Ok(e) = rx.try_recv() {
         handled.insert(e.id().to_owned());
     }
-    let (h, mut rx) = attempt_recorder();
-    let next = bus
-        .subscribe(&topic, "g", h, fast_options().ack_wait(STRANDED))
-        .await
-        .unwrap();
     let rest = 40 - handled.len();
-    let got = collect_attempts(&mut rx, rest, HANDBACK).await;
+    let got = next_consumer_gets(&bus, &topic, rest).await;
     let all: BTreeSet<String> = handled.iter().cloned().chain(got.into_keys()).collect();
     assert_eq!(all, ids(0..40));
-    next.shutdown().await;
 }
 
 /// Handlers running when shutdown begins that refuse with [`Nack::release`]
@@ -737,12 +739,7 @@ pub async fn shutdown_hands_back_released(f: &mut dyn Fixture) {
         .expect("shutdown within the handback time");
     let m = bus.metrics().snapshot();
     assert_eq!((m.acked, m.handler_errors), (0, 0), "{m:?}");
-    let (h, mut rx) = attempt_recorder();
-    let next = bus
-        .subscribe(&topic, "g", h, fast_options().ack_wait(STRANDED))
-        .await
-        .unwrap();
-    let got = collect_attempts(&mut rx, 4, HANDBACK).await;
+    let got = next_consumer_gets(&bus, &topic, 4).await;
     let attempt = if bus.capabilities().backend == "nats" {
         2
     } else {
@@ -750,7 +747,6 @@ pub async fn shutdown_hands_back_released(f: &mut dyn Fixture) {
     };
     let want: BTreeMap<String, u32> = ids(0..4).into_iter().map(|id| (id, attempt)).collect();
     assert_eq!(got, want);
-    next.shutdown().await;
 }
 
 /// A failed event whose redelivery is still waiting for its backoff when the
@@ -784,15 +780,9 @@ pub async fn shutdown_hands_back_scheduled_retries(f: &mut dyn Fixture) {
     tokio::time::timeout(HANDBACK, sub.shutdown())
         .await
         .expect("shutdown within the handback time");
-    let (h, mut rx) = attempt_recorder();
-    let next = bus
-        .subscribe(&topic, "g", h, fast_options().ack_wait(STRANDED))
-        .await
-        .unwrap();
-    let got = collect_attempts(&mut rx, 1, HANDBACK).await;
+    let got = next_consumer_gets(&bus, &topic, 1).await;
     assert_eq!(got, BTreeMap::from([("e00000".to_owned(), 2)]));
     // The backoff still holds (less a little for clocks measured apart).
     let waited = failed_at.elapsed();
     assert!(waited >= backoff / 2, "redelivered after {waited:?}");
-    next.shutdown().await;
 }
