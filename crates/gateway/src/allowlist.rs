@@ -4,7 +4,7 @@
 //! A gateway that proxies to whatever address is registered is an SSRF
 //! amplifier: registering `169.254.169.254:80` would expose the cloud metadata
 //! service to every client. The list is enforced twice: the registry API
-//! refuses such a registration (400 naming the address, through the
+//! refuses such a registration (403 naming the address, through the
 //! registry's own `NetworkPolicy`), and discovery drops
 //! such an instance before any route sees it, so an address that got into a
 //! shared store another way is still never connected to.

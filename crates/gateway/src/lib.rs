@@ -73,7 +73,7 @@
 //! | `routes[].max_body_bytes` | `10485760` | larger bodies get 413 |
 //! | `routes[].retry_buffer_bytes` | `65536` | bodies up to this are buffered and replayable |
 //! | `gateway.admin_token` | `registry.token` | bearer token for every write on the admin listener (admin and registry); required off loopback |
-//! | `gateway.upstream_allow` | loopback, `10/8`, `172.16/12`, `192.168/16`, `::1`, `fc00::/7` | networks instances may be in (CIDR or address); others are refused by the registry API (400) and never proxied to |
+//! | `gateway.upstream_allow` | loopback, `10/8`, `172.16/12`, `192.168/16`, `::1`, `fc00::/7` | networks instances may be in (CIDR or address); others are refused by the registry API (403) and never proxied to |
 //! | `gateway.upstream_deny` | `169.254.0.0/16`, `fe80::/10`, `fd00:ec2::254`, `100.100.100.200` | never proxied to, even inside `upstream_allow` |
 //! | `routes[].version` | none | `{ major = N }` (prefix carries the version) or `{ header = "Api-Version", default = N }`: only instances whose registered version has that semver major |
 //! | `routes[].deprecated` | none | `{ since, sunset, successor }` (RFC 3339 or `YYYY-MM-DD`; URI): `Deprecation: @unix`, `Sunset: HTTP-date`, `Link: <successor>; rel="successor-version"` |
@@ -539,7 +539,7 @@ pub async fn start(config: Config) -> Result<WithRegistry, RunError> {
         return Err(RunError::InsecureAdmin(config.gateway.admin));
     }
     // The registry refuses registrations outside `gateway.upstream_allow`
-    // (400 naming the address); discovery filters again (shared stores).
+    // (403 naming the address); discovery filters again (shared stores).
     let options = RegistryOptions::default().network(config.upstream_policy.to_registry());
     let registry = Registry::open(&config.registry.store, options).await?;
     discovery::register_static(&registry, &config).await?;
