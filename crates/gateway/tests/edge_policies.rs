@@ -240,6 +240,9 @@ async fn two_gateways_on_one_redis_share_a_limit_and_fail_open_without_it() {
         .parse()
         .unwrap();
     assert!((1..=15).contains(&wait), "one request every 15 s: {wait}");
+    // A burst of 4 refills in 4 x 15 s: the window the quota applies to.
+    assert_eq!(res.headers()["ratelimit-policy"], "\"/\";q=4;w=60");
+    assert_eq!(res.headers()["ratelimit"], format!("\"/\";r=0;t={wait}"));
 
     // Redis gone: requests pass (fail open) and the failures are counted.
     redis.kill();
