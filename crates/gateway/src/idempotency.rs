@@ -19,7 +19,11 @@
 //!
 //! Not stored (the lock is released, so a repeat runs again): gateway errors
 //! and upstream 5xx, 408 and 429 (the client should retry those), and
-//! responses whose body exceeds `max_response_bytes` (a warning is logged).
+//! responses whose body exceeds `max_response_bytes`, by `Content-Length` or
+//! once the streamed body passes it (a warning is logged at most once per
+//! 10 s per route). Such a response still reaches the client whole, and a
+//! repeat is forwarded like a new request, `Idempotency-Key` included, so an
+//! upstream that deduplicates by key still can.
 //! A body too large to fingerprint (over `retry_buffer_bytes`) gets 413.
 //!
 //! Stores: memory (sharded maps bounded by `max_keys` entries and
@@ -438,6 +442,7 @@ pub struct Idempotency {
     /// Responses replayed.
     pub replayed: AtomicU64,
     log: LogLimiter,
+    too_large_log: LogLimiter,
     epoch: Instant,
 }
 
@@ -529,6 +534,7 @@ impl Idempotency {
             store_errors: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
             log: LogLimiter::default(),
+            too_large_log: LogLimiter::default(),
             epoch: Instant::now(),
         })
     }
@@ -572,6 +578,18 @@ impl Idempotency {
         self.store_errors.fetch_add(1, Relaxed);
         if self.log.allow(self.epoch, Duration::from_secs(10)) {
             tracing::warn!(scope = %self.config.name, error = %e, "idempotency store unavailable; forwarding without protection");
+        }
+    }
+
+    /// Notes a response not kept because its body exceeds
+    /// `max_response_bytes`: logged at most once per 10 s, since a route
+    /// whose responses are all that large would otherwise log every request.
+    pub fn too_large_to_keep(&self) {
+        if self
+            .too_large_log
+            .allow(self.epoch, Duration::from_secs(10))
+        {
+            tracing::warn!(scope = %self.config.name, limit = self.config.max_response_bytes, "idempotent response too large to keep; a repeat with its key runs again");
         }
     }
 

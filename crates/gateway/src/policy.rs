@@ -320,6 +320,7 @@ async fn run(
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .is_some_and(|n| n > limit as u64);
     if too_big {
+        idem.too_large_to_keep();
         lock.release().await;
         return res;
     }
@@ -339,7 +340,7 @@ async fn run(
             .await;
         }
         Ok((_, false)) => {
-            tracing::warn!(route = %route.config.prefix, limit, "idempotent response too large to keep; a repeat will run again");
+            idem.too_large_to_keep();
             lock.release().await;
         }
         Err(_) => lock.release().await,
