@@ -78,7 +78,7 @@
 //! | `routes[].version` | none | `{ major = N }` (prefix carries the version) or `{ header = "Api-Version", default = N }`: only instances whose registered version has that semver major |
 //! | `routes[].deprecated` | none | `{ since, sunset, successor }` (RFC 3339 or `YYYY-MM-DD`; URI): `Deprecation: @unix`, `Sunset: HTTP-date`, `Link: <successor>; rel="successor-version"` |
 //! | `routes[].rate_limit` | none | `rate` (required), `per = "1s"`, `burst = rate`, `key = "ip"` (or `"header:NAME"`, `"none"`), `store = "memory://"` (or `redis://HOST:PORT`, fails open), `max_keys = 100000`, `name = prefix` |
-//! | `routes[].idempotency` | none | `ttl = "24h"`, `max_response_bytes = 1048576`, `store = "memory://"` (or `redis://`), `max_keys = 100000`, `max_store_bytes = 67108864`, `client_header`, `name = prefix` |
+//! | `routes[].idempotency` | none | `ttl = "24h"` (at least `1s`; after it a key is new again), `max_response_bytes = 1048576` (a larger response is not kept: a repeat is forwarded again, without `Idempotent-Replayed`), `store = "memory://"` (or `redis://`), `max_keys = 100000`, `max_store_bytes = 67108864`, `client_header`, `name = prefix` |
 //! | `routes[].cors` | none | `origins` (required; or `["*"]`), `methods = ["GET","HEAD","POST"]`, `headers = []`, `expose = []`, `credentials = false`, `max_age = "5s"` |
 //! | `routes[].protocol` | the service's `protocol` | `http1` or `h2c` for this route |
 //! | `bridge.bus` | none (bridge off) | bus URL of the HTTP event bridge |

@@ -384,6 +384,149 @@ async fn idempotency_keys_on_redis_shared_by_two_gateways() {
     two.gw.shutdown().await;
 }
 
+/// How long the limit routes keep a response (the config allows no less than 1 s).
+const SHORT_TTL: Duration = Duration::from_secs(2);
+
+/// Keeps bodies of up to 64 bytes for [`SHORT_TTL`].
+fn idempotent_limits_route(store: &str) -> String {
+    format!(
+        r#"
+[[services]]
+name = "svc"
+instances = []
+
+[[routes]]
+prefix = "/"
+service = "svc"
+idempotency = {{ ttl = "{}s", max_response_bytes = 64, store = "{store}" }}
+"#,
+        SHORT_TTL.as_secs()
+    )
+}
+
+/// A response over `max_response_bytes` is not kept, whether its
+/// `Content-Length` says so or its streamed body passes the limit: the client
+/// gets all of it, and a repeat is forwarded again, key included (the
+/// upstream can still deduplicate), without `Idempotent-Replayed`.
+async fn too_large_scenario(one: &Harness, two: &Harness, b: &Backend) {
+    let before = b.hits();
+    let first = post(one, "/orders", "big-1", "{\"n\":1}").await;
+    assert_eq!(first.status(), 200);
+    let length: usize = first.headers()["content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(length > 64, "the echo is over the limit: {length}");
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let first_body: Value = first.json().await.unwrap();
+    assert_eq!(first_body["path"], "/orders");
+    let again = post(two, "/orders", "big-1", "{\"n\":1}").await;
+    assert_eq!(again.status(), 200);
+    assert!(
+        again.headers().get("idempotent-replayed").is_none(),
+        "not kept, so not replayed"
+    );
+    let again_body: Value = again.json().await.unwrap();
+    assert_eq!(again_body["idempotency-key"], "big-1");
+    assert_eq!(b.hits(), before + 2, "the repeat reached the upstream");
+
+    // Streamed without Content-Length (30 lines, 140 bytes): the gateway reads
+    // past the limit before answering, then sends what it read and the rest.
+    let whole: String = (0..30).map(|i| format!("b {i}\n")).collect();
+    for h in [one, two] {
+        let res = post(h, "/stream/30", "big-2", "").await;
+        assert_eq!(res.status(), 200);
+        assert!(
+            res.headers().get("idempotent-replayed").is_none(),
+            "not kept, so not replayed"
+        );
+        assert!(res.headers().get("content-length").is_none(), "streamed");
+        assert_eq!(
+            res.text().await.unwrap(),
+            whole,
+            "whole, not cut at the limit"
+        );
+    }
+    assert_eq!(b.hits(), before + 4, "the repeat reached the upstream");
+}
+
+/// Within the TTL a key replays; after it the key is new: the same request
+/// reaches the upstream again, and its response is kept for a new TTL.
+async fn ttl_scenario(one: &Harness, two: &Harness, b: &Backend) {
+    let before = b.hits();
+    let first = post(one, "/status/201", "ttl-1", "x").await;
+    assert_eq!(first.status(), 201);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let again = post(two, "/status/201", "ttl-1", "x").await;
+    assert_eq!(again.status(), 201);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(b.hits(), before + 1);
+
+    tokio::time::sleep(SHORT_TTL + Duration::from_millis(1500)).await;
+    let late = post(two, "/status/201", "ttl-1", "x").await;
+    assert_eq!(late.status(), 201);
+    assert!(
+        late.headers().get("idempotent-replayed").is_none(),
+        "the key expired"
+    );
+    assert_eq!(b.hits(), before + 2, "the expired key reached the upstream");
+    let again = post(one, "/status/201", "ttl-1", "x").await;
+    assert_eq!(again.headers()["idempotent-replayed"], "true", "kept again");
+    assert_eq!(post(one, "/status/201", "ttl-1", "y").await.status(), 422);
+    assert_eq!(b.hits(), before + 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_responses_over_the_limit_are_not_kept_in_memory() {
+    let b = Backend::start("b").await;
+    let h = Harness::start(&idempotent_limits_route("memory://")).await;
+    h.set_instances("svc", &[b.addr]);
+    too_large_scenario(&h, &h, &b).await;
+    h.gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_responses_over_the_limit_are_not_kept_on_redis() {
+    let Some(redis) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    let b = Backend::start("b").await;
+    let route = idempotent_limits_route(&redis.url());
+    let one = Harness::start(&route).await;
+    let two = Harness::start(&route).await;
+    one.set_instances("svc", &[b.addr]);
+    two.set_instances("svc", &[b.addr]);
+    too_large_scenario(&one, &two, &b).await;
+    one.gw.shutdown().await;
+    two.gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_are_new_after_the_ttl_in_memory() {
+    let b = Backend::start("b").await;
+    let h = Harness::start(&idempotent_limits_route("memory://")).await;
+    h.set_instances("svc", &[b.addr]);
+    ttl_scenario(&h, &h, &b).await;
+    h.gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_are_new_after_the_ttl_on_redis() {
+    let Some(redis) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    let b = Backend::start("b").await;
+    let route = idempotent_limits_route(&redis.url());
+    let one = Harness::start(&route).await;
+    let two = Harness::start(&route).await;
+    one.set_instances("svc", &[b.addr]);
+    two.set_instances("svc", &[b.addr]);
+    ttl_scenario(&one, &two, &b).await;
+    one.gw.shutdown().await;
+    two.gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_preflight_is_answered_at_the_gateway() {
     let b = Backend::start("b").await;
