@@ -1044,3 +1044,85 @@ max_deliveries = 7
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// Refusals, config subscriptions, URL targets and delivery failures
+
+/// Only POST publishes (405 problem+json naming it, on either listener), and
+/// a body that breaks off or is not valid HTTP framing is a 400, not a 202.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_refuses_other_methods_and_broken_bodies() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let cfg = Config::parse(
+        "bridge-test.toml".as_ref(),
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nworkers = 1\naccess_log = false\n",
+    )
+    .unwrap();
+    let bus = Bus::open(&format!("memory://{}", unique("methods")))
+        .await
+        .unwrap();
+    let mut o = BridgeOptions::new(bus, sources_resolver(StaticSources::default().receivers()));
+    o.publish = switchboard_gateway::bridge::config::PublishOn::Both;
+    let bridge = Bridge::start(o).await.unwrap();
+    let (tap_sub, mut got) = tap(bridge.bus(), "t.ok").await;
+    let gw = GatewayBuilder::new(cfg)
+        .bridge(bridge.clone())
+        .start()
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    for listener in [gw.admin(), gw.listen()] {
+        let url = format!("http://{listener}/v1/events");
+        for method in [http::Method::GET, http::Method::PUT, http::Method::DELETE] {
+            let r = http
+                .request(method.clone(), &url)
+                .header("content-type", "application/cloudevents+json")
+                .body(ce("t.ok", "wrong-method").to_string())
+                .send()
+                .await
+                .unwrap();
+            let what = format!("{method} on {listener}");
+            assert_eq!(r.status(), 405, "{what}");
+            assert_eq!(r.headers()["allow"], "POST", "{what}");
+            assert_eq!(
+                r.headers()["content-type"],
+                "application/problem+json",
+                "{what}"
+            );
+            let p: Value = r.json().await.unwrap();
+            assert_eq!(p["status"], 405, "{what}: {p}");
+        }
+
+        // Raw requests: the body breaks off (the client half-closes after
+        // 20 of 200 declared bytes), or its chunked framing is garbage.
+        let event = ce("t.ok", "broken").to_string();
+        let truncated = format!(
+            "POST /v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/cloudevents+json\r\ncontent-length: 200\r\n\r\n{}",
+            &event[..20]
+        );
+        let bad_chunks = "POST /v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/cloudevents+json\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n".to_owned();
+        for (what, raw) in [("truncated", truncated), ("bad chunks", bad_chunks)] {
+            let mut s = tokio::net::TcpStream::connect(listener).await.unwrap();
+            s.write_all(raw.as_bytes()).await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut answer = String::new();
+            tokio::time::timeout(PATIENCE, s.read_to_string(&mut answer))
+                .await
+                .expect("an answer")
+                .unwrap();
+            assert!(
+                answer.starts_with("HTTP/1.1 400"),
+                "{what} on {listener}:\n{answer}"
+            );
+        }
+    }
+    // Nothing was published.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), got.recv())
+            .await
+            .is_err()
+    );
+    tap_sub.shutdown().await;
+    bridge.shutdown().await;
+    gw.shutdown().await;
+}

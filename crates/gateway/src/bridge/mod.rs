@@ -47,7 +47,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get};
 use bytes::Bytes;
 use http::StatusCode;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -476,7 +476,9 @@ impl Bridge {
                 get(get_sub).put(put_sub).delete(delete_sub),
             );
         if self.inner.publish.admin() {
-            r = r.route(&self.inner.path, post(publish_admin));
+            // Every method: `handle_publish` answers the others with a 405
+            // problem+json, as on the proxy listener (axum's own is bare).
+            r = r.route(&self.inner.path, any(publish_admin));
         }
         r.with_state(self.clone())
     }
