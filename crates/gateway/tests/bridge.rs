@@ -1126,3 +1126,121 @@ async fn publish_refuses_other_methods_and_broken_bodies() {
     bridge.shutdown().await;
     gw.shutdown().await;
 }
+
+/// Asserts a 503 problem+json from a publish that the bus did not accept.
+async fn assert_bus_unavailable(r: reqwest::Response, what: &str) {
+    let status = r.status();
+    let ct = r.headers().get("content-type").cloned();
+    let retry_after = r.headers().get("retry-after").cloned();
+    let body = r.text().await.unwrap();
+    assert_eq!(status, 503, "{what}: {body}");
+    assert_eq!(
+        ct.as_ref().map(|v| v.to_str().unwrap()),
+        Some("application/problem+json"),
+        "{what}"
+    );
+    assert!(retry_after.is_some(), "{what}: no retry-after");
+    let p: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (&p["status"], &p["type"]),
+        (&json!(503), &json!("/problems/bus-unavailable")),
+        "{what}: {p}"
+    );
+}
+
+/// Sends one inline command to a Redis server and returns its reply line.
+fn redis_command(addr: SocketAddr, command: &str) -> String {
+    use std::io::{BufRead as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(format!("{command}\r\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).unwrap();
+    line
+}
+
+/// 202 means the bus accepted: a Redis bus that is down, or that refuses
+/// writes (out of memory), answers 503 problem+json in every mode, never 202.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_to_a_bus_that_is_down_or_refuses_answers_503() {
+    let Some(mut redis) = redis() else { return };
+    let h = Harness::start(&redis.url(), None, 1 << 20).await;
+    let http = reqwest::Client::builder()
+        .timeout(PATIENCE)
+        .build()
+        .unwrap();
+    let modes = |id: &str| {
+        let structured = http
+            .post(h.url("/v1/events"))
+            .header("content-type", "application/cloudevents+json")
+            .body(ce("t.down", &format!("{id}-s")).to_string());
+        let binary = http
+            .post(h.url("/v1/events"))
+            .header("ce-specversion", "1.0")
+            .header("ce-id", format!("{id}-b"))
+            .header("ce-source", "/test")
+            .header("ce-type", "t.down")
+            .header("content-type", "application/json")
+            .body("{}");
+        let batch = http
+            .post(h.url("/v1/events"))
+            .header("content-type", "application/cloudevents-batch+json")
+            .body(
+                json!([
+                    ce("t.down", &format!("{id}-x1")),
+                    ce("t.down", &format!("{id}-x2"))
+                ])
+                .to_string(),
+            );
+        [
+            ("structured", structured),
+            ("binary", binary),
+            ("batch", batch),
+        ]
+    };
+    for (mode, req) in modes("up") {
+        assert_eq!(req.send().await.unwrap().status(), 202, "{mode}");
+    }
+
+    // Out of memory: Redis refuses the writes.
+    let reply = redis_command(redis.addr(), "CONFIG SET maxmemory 1");
+    assert!(reply.starts_with("+OK"), "{reply}");
+    for (mode, req) in modes("oom") {
+        assert_bus_unavailable(req.send().await.unwrap(), &format!("refused, {mode}")).await;
+    }
+
+    // Down: killed like a crash.
+    redis.kill();
+    for round in 0..3 {
+        for (mode, req) in modes(&format!("down{round}")) {
+            let r = req.send().await.expect("an answer, not a hang");
+            assert_bus_unavailable(r, &format!("down, {mode}")).await;
+        }
+    }
+    let m = h.metrics().await;
+    assert!(
+        m.contains("switchboard_bridge_publish_rejected_total{status=\"503\"} 12"),
+        "{m}"
+    );
+    assert!(
+        m.contains("switchboard_bridge_published_total{mode=\"structured\"} 1"),
+        "{m}"
+    );
+
+    // Back up (empty: no persistence): publishing works again.
+    redis.restart();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let [(_, req), ..] = modes("again");
+        let status = req.send().await.unwrap().status();
+        if status == 202 {
+            break;
+        }
+        assert_eq!(status, 503);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still 503 after a restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    h.stop().await;
+}
