@@ -165,6 +165,8 @@ async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
 
 #[derive(Debug, Clone)]
 struct Seen {
+    /// Path and query.
+    path: String,
     headers: http::HeaderMap,
     body: Bytes,
     at: tokio::time::Instant,
@@ -200,6 +202,11 @@ impl Subscriber {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let (s, t, script) = (Arc::clone(&s), t.clone(), Arc::clone(&script));
                         async move {
+                            let path = req
+                                .uri()
+                                .path_and_query()
+                                .map_or("/", |p| p.as_str())
+                                .to_owned();
                             let (parts, body) = req.into_parts();
                             let body = body
                                 .collect()
@@ -207,6 +214,7 @@ impl Subscriber {
                                 .map(http_body_util::Collected::to_bytes)
                                 .unwrap_or_default();
                             let seen = Seen {
+                                path,
                                 headers: parts.headers,
                                 body,
                                 at: tokio::time::Instant::now(),
@@ -1242,5 +1250,165 @@ async fn publishing_to_a_bus_that_is_down_or_refuses_answers_503() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    h.stop().await;
+}
+
+/// Waits until `/metrics` has `line`.
+async fn metric(h: &Harness, line: &str) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let m = h.metrics().await;
+        if m.contains(line) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {line} within {PATIENCE:?}:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The next request that carries an event (health checks have no `ce-id`).
+async fn next_event(rx: &mut mpsc::UnboundedReceiver<Seen>) -> Seen {
+    loop {
+        let s = next(rx).await;
+        if s.headers.contains_key("ce-id") {
+            return s;
+        }
+    }
+}
+
+/// A gateway started from a config file with `[bridge]` and two
+/// `[[subscriptions]]`: one to a static service, one to a URL. Both push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_subscriptions_push_to_a_service_and_to_a_url() {
+    let mut svc = Subscriber::start(Subscriber::ok()).await;
+    let mut hook = Subscriber::start(Subscriber::ok()).await;
+    let bus_url = format!("memory://{}", unique("cfg"));
+    let text = format!(
+        r#"[gateway]
+listen = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+workers = 1
+access_log = false
+
+[bridge]
+bus = "{bus_url}"
+
+[[services]]
+name = "notification-service"
+instances = ["{svc}"]
+
+[[subscriptions]]
+name = "notify"
+topic = "order.confirmed"
+service = "notification-service"
+path = "/events"
+ack_timeout = "2s"
+
+[[subscriptions]]
+name = "hook"
+topic = "payment.completed"
+url = "http://{hook}/hooks/payments?from=bridge"
+"#,
+        svc = svc.addr,
+        hook = hook.addr,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(&file, text).unwrap();
+    let running = switchboard_gateway::start(Config::load(&file).unwrap())
+        .await
+        .unwrap();
+    let admin = format!("http://{}", running.gateway.admin());
+    let http = reqwest::Client::new();
+    let list: Value = http
+        .get(format!("{admin}/v1/subscriptions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let origins: Vec<(&str, &str)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap(), s["origin"].as_str().unwrap()))
+        .collect();
+    assert_eq!(origins, [("hook", "config"), ("notify", "config")]);
+
+    for (ty, id) in [("order.confirmed", "cfg-1"), ("payment.completed", "cfg-2")] {
+        let mut e = ce(ty, id);
+        e["correlationid"] = json!("corr-cfg");
+        let r = http
+            .post(format!("{admin}/v1/events"))
+            .header("content-type", "application/cloudevents+json")
+            .body(e.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    }
+    let got = next_event(&mut svc.rx).await;
+    assert_eq!(got.path, "/events");
+    assert_eq!(got.headers["ce-id"], "cfg-1");
+    assert_eq!(got.headers["ce-type"], "order.confirmed");
+    assert_eq!(got.headers["ce-correlationid"], "corr-cfg");
+    let got = next_event(&mut hook.rx).await;
+    assert_eq!(got.path, "/hooks/payments?from=bridge");
+    assert_eq!(got.headers["ce-id"], "cfg-2");
+    assert_eq!(&got.body[..], br#"{"id":"cfg-2"}"#);
+    // Each got its own topic only, and both were acked.
+    for name in ["notify", "hook"] {
+        let mut acked = Value::Null;
+        for _ in 0..100 {
+            let s: Value = http
+                .get(format!("{admin}/v1/subscriptions/{name}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            acked = s["stats"]["acked"].clone();
+            if acked == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(acked, 1, "{name}");
+    }
+    assert_eq!(svc.ids(), ["cfg-1"]);
+    assert_eq!(hook.ids(), ["cfg-2"]);
+    running.shutdown().await;
+}
+
+/// `PUT /v1/subscriptions/{name}` with a `url` target: events go to that
+/// address and path (query included), with no registry involved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_subscription_pushes_to_the_url() {
+    let h = Harness::start(&format!("memory://{}", unique("url")), None, 1 << 20).await;
+    let mut hook = Subscriber::start(Subscriber::ok()).await;
+    let topic = unique("order.url").replace('-', "_");
+    let spec = json!({
+        "topic": topic,
+        "url": format!("http://{}/inbox/events?tenant=7", hook.addr),
+        "ack_timeout": "2s",
+    });
+    let r = h.subscribe("by-url", spec).await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    assert_eq!(h.publish_structured(ce(&topic, "u-1")).await.status(), 202);
+    let got = next_event(&mut hook.rx).await;
+    assert_eq!(got.path, "/inbox/events?tenant=7");
+    assert_eq!(got.headers["ce-id"], "u-1");
+    assert_eq!(got.headers["host"], hook.addr.to_string().as_str());
+    metric(
+        &h,
+        "switchboard_bridge_acked_total{subscription=\"by-url\"} 1",
+    )
+    .await;
+    assert_eq!(hook.ids(), ["u-1"]);
     h.stop().await;
 }
