@@ -174,6 +174,9 @@ struct Seen {
 
 type Script = Arc<dyn Fn(&Seen, usize) -> (u16, Vec<(&'static str, String)>, String) + Send + Sync>;
 
+/// Status a [`Script`] answers to close the connection without a response.
+const HANG_UP: u16 = 0;
+
 struct Subscriber {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -183,9 +186,25 @@ struct Subscriber {
 }
 
 impl Subscriber {
-    /// `script(request, n)` answers the `n`-th request (0-based) for this event id.
+    /// `script(request, n)` answers the `n`-th request (0-based) for this
+    /// event id ([`HANG_UP`]: closes the connection instead).
     async fn start(script: Script) -> Subscriber {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at(
+            "127.0.0.1:0".parse().unwrap(),
+            script,
+            Arc::new(|_| Duration::ZERO),
+        )
+        .await
+    }
+
+    /// [`Self::start`] on `addr`, answering the `n`-th request for an event
+    /// id after `delay(n)` (it is recorded on arrival).
+    async fn start_at(
+        addr: SocketAddr,
+        script: Script,
+        delay: Arc<dyn Fn(usize) -> Duration + Send + Sync>,
+    ) -> Subscriber {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -197,10 +216,20 @@ impl Subscriber {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let (s, t, script) = (Arc::clone(&s), t.clone(), Arc::clone(&script));
+                let (s, t, script, delay) = (
+                    Arc::clone(&s),
+                    t.clone(),
+                    Arc::clone(&script),
+                    Arc::clone(&delay),
+                );
                 conns.spawn(async move {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let (s, t, script) = (Arc::clone(&s), t.clone(), Arc::clone(&script));
+                        let (s, t, script, delay) = (
+                            Arc::clone(&s),
+                            t.clone(),
+                            Arc::clone(&script),
+                            Arc::clone(&delay),
+                        );
                         async move {
                             let path = req
                                 .uri()
@@ -231,12 +260,16 @@ impl Subscriber {
                             };
                             let (status, headers, text) = script(&seen, n);
                             let _ = t.send(seen);
+                            tokio::time::sleep(delay(n)).await;
+                            if status == HANG_UP {
+                                return Err(std::io::Error::other("hang up"));
+                            }
                             let mut res = Response::new(Full::new(Bytes::from(text)));
                             *res.status_mut() = StatusCode::from_u16(status).unwrap();
                             for (k, v) in headers {
                                 res.headers_mut().insert(k, v.parse().unwrap());
                             }
-                            Ok::<_, std::convert::Infallible>(res)
+                            Ok::<_, std::io::Error>(res)
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -1410,5 +1443,127 @@ async fn url_subscription_pushes_to_the_url() {
     )
     .await;
     assert_eq!(hook.ids(), ["u-1"]);
+    h.stop().await;
+}
+
+/// A subscriber that answers the first delivery only after the ack timeout
+/// (200, too late) gets the event again, answers at once and it is acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_retries_after_a_subscriber_timeout() {
+    let h = Harness::start(&format!("memory://{}", unique("slow")), None, 1 << 20).await;
+    let topic = unique("order.slow").replace('-', "_");
+    let mut sub = Subscriber::start_at(
+        "127.0.0.1:0".parse().unwrap(),
+        Subscriber::ok(),
+        Arc::new(|n| {
+            if n == 0 {
+                Duration::from_millis(1500)
+            } else {
+                Duration::ZERO
+            }
+        }),
+    )
+    .await;
+    h.set_instances(&[sub.addr]);
+    let mut spec = fast_spec(&topic);
+    spec["ack_timeout"] = json!("300ms");
+    assert_eq!(h.subscribe("slow", spec).await.status(), 201);
+    assert_eq!(h.publish_structured(ce(&topic, "t-1")).await.status(), 202);
+    let a = next(&mut sub.rx).await;
+    let b = next(&mut sub.rx).await;
+    assert_eq!(
+        (
+            &a.headers["x-switchboard-delivery-attempt"],
+            &b.headers["x-switchboard-delivery-attempt"]
+        ),
+        (
+            &"1".parse::<http::HeaderValue>().unwrap(),
+            &"2".parse().unwrap()
+        )
+    );
+    let waited = b.at - a.at;
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_millis(1500),
+        "redelivered after the ack timeout, not after the late answer: {waited:?}"
+    );
+    metric(
+        &h,
+        "switchboard_bridge_acked_total{subscription=\"slow\"} 1",
+    )
+    .await;
+    // The late 200 of the first delivery settles nothing: no third delivery.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(sub.ids(), ["t-1", "t-1"]);
+    let m = h.metrics().await;
+    for line in [
+        "switchboard_bridge_pushed_total{subscription=\"slow\"} 2",
+        "switchboard_bridge_acked_total{subscription=\"slow\"} 1",
+        "switchboard_bridge_retried_total{subscription=\"slow\"} 1",
+        "switchboard_bridge_dead_lettered_total{subscription=\"slow\"} 0",
+    ] {
+        assert!(m.contains(line), "missing {line}\n{m}");
+    }
+    h.stop().await;
+}
+
+/// Connection errors are retried: the only instance first refuses
+/// connections (nothing listens), then hangs up without an answer, then acks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_retries_after_connection_errors() {
+    let h = Harness::start(&format!("memory://{}", unique("conn")), None, 1 << 20).await;
+    let topic = unique("order.conn").replace('-', "_");
+    // A free port with nothing on it.
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    h.set_instances(&[addr]);
+    let mut spec = fast_spec(&topic);
+    spec["backoff"] = json!({"initial": "100ms", "max": "100ms", "multiplier": 1.0});
+    spec["max_deliveries"] = json!(100);
+    assert_eq!(h.subscribe("conn", spec).await.status(), 201);
+    assert_eq!(h.publish_structured(ce(&topic, "c-1")).await.status(), 202);
+    metric(
+        &h,
+        "switchboard_bridge_retried_total{subscription=\"conn\"} 2",
+    )
+    .await;
+    let refused = 2;
+    // Now something listens: it hangs up on the first request, then acks.
+    let mut sub = Subscriber::start_at(
+        addr,
+        Arc::new(|_, n| {
+            if n == 0 {
+                (HANG_UP, vec![], String::new())
+            } else {
+                (200, vec![], String::new())
+            }
+        }),
+        Arc::new(|_| Duration::ZERO),
+    )
+    .await;
+    let a = next(&mut sub.rx).await;
+    let b = next(&mut sub.rx).await;
+    let attempt = |s: &Seen| -> u32 {
+        s.headers["x-switchboard-delivery-attempt"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(attempt(&a) > refused, "{}", attempt(&a));
+    assert_eq!(attempt(&b), attempt(&a) + 1);
+    metric(
+        &h,
+        "switchboard_bridge_acked_total{subscription=\"conn\"} 1",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sub.ids(), ["c-1", "c-1"]);
+    let m = h.metrics().await;
+    assert!(
+        m.contains("switchboard_bridge_dead_lettered_total{subscription=\"conn\"} 0"),
+        "{m}"
+    );
     h.stop().await;
 }
