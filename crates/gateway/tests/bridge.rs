@@ -1567,3 +1567,61 @@ async fn push_retries_after_connection_errors() {
     );
     h.stop().await;
 }
+
+/// Per-instance breakers eject a failing instance: of two instances, one
+/// always answers 503. Once its breaker opens (after `min_calls` failures),
+/// every delivery goes to the other and the failing one gets nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_ejects_a_failing_instance() {
+    let h = Harness::start(&format!("memory://{}", unique("brk")), None, 1 << 20).await;
+    let topic = unique("order.brk").replace('-', "_");
+    let bad = Subscriber::start(Arc::new(|_, _| (503, vec![], "down".into()))).await;
+    let good = Subscriber::start(Subscriber::ok()).await;
+    h.set_instances(&[bad.addr, good.addr]);
+    let mut spec = fast_spec(&topic);
+    // One at a time, so the count on the failing instance is exact.
+    spec["max_in_flight"] = json!(1);
+    spec["max_deliveries"] = json!(10);
+    spec["breaker"] =
+        json!({"failure_rate": 0.5, "min_calls": 4, "window": "60s", "open_for": "60s"});
+    assert_eq!(h.subscribe("brk", spec).await.status(), 201);
+    let publish = |from: usize, n: usize| {
+        let events: Vec<Value> = (from..from + n)
+            .map(|i| ce(&topic, &format!("k{i:03}")))
+            .collect();
+        h.http
+            .post(h.url("/v1/events"))
+            .header("content-type", "application/cloudevents-batch+json")
+            .body(Value::from(events).to_string())
+            .send()
+    };
+    assert_eq!(publish(0, 40).await.unwrap().status(), 202);
+    metric(
+        &h,
+        "switchboard_bridge_acked_total{subscription=\"brk\"} 40",
+    )
+    .await;
+    let on_bad = bad.ids().len();
+    assert_eq!(on_bad, 4, "the breaker opens after min_calls failures");
+    assert_eq!(
+        good.ids().into_iter().collect::<BTreeSet<_>>().len(),
+        40,
+        "every event acked by the good instance"
+    );
+    assert_eq!(publish(40, 40).await.unwrap().status(), 202);
+    metric(
+        &h,
+        "switchboard_bridge_acked_total{subscription=\"brk\"} 80",
+    )
+    .await;
+    assert_eq!(bad.ids().len(), on_bad, "the ejected instance got more");
+    assert_eq!(good.ids().into_iter().collect::<BTreeSet<_>>().len(), 80);
+    let m = h.metrics().await;
+    for line in [
+        "switchboard_bridge_retried_total{subscription=\"brk\"} 4",
+        "switchboard_bridge_dead_lettered_total{subscription=\"brk\"} 0",
+    ] {
+        assert!(m.contains(line), "missing {line}\n{m}");
+    }
+    h.stop().await;
+}
