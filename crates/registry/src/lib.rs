@@ -41,7 +41,8 @@
 //! - [`Registry::open`]`(store_url, `[`RegistryOptions`]`)`: `memory://` or `redis://HOST:PORT`;
 //!   `Clone` (an `Arc` inside); background tasks stop with the last clone or [`Registry::shutdown`].
 //! - [`Registry::register`]`(service, id, `[`Registration`]`)`, [`Registry::heartbeat`],
-//!   [`Registry::deregister`], [`Registry::services`] (summaries), [`Registry::snapshot`].
+//!   [`Registry::deregister`], [`Registry::services`] (summaries), [`Registry::snapshot`],
+//!   [`Registry::heartbeats`] (when each TTL instance last heartbeat here).
 //! - [`Registry::watch`]`(service) -> `[`ServiceWatch`]: [`ServiceWatch::load`] /
 //!   [`ServiceWatch::peek`] read the current `Arc<`[`ServiceView`]`>` lock-free;
 //!   [`ServiceWatch::changed`] waits for the next change; [`Registry::view`] looks a

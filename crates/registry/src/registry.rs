@@ -268,6 +268,9 @@ struct Entry {
     status: Status,
     last_check: Option<SystemTime>,
     last_heartbeat: Instant,
+    /// When this process last accepted a heartbeat renewing the TTL check
+    /// (wall clock, for display; the deadline uses `last_heartbeat`).
+    heartbeat_at: Option<SystemTime>,
     passive_failures: u32,
     ejected_until: Option<Instant>,
     wake: Arc<Notify>,
@@ -416,6 +419,7 @@ impl Registry {
             store.resync_service(&self.inner, service).await?;
         }
         let slot = self.inner.existing_slot(service).ok_or_else(not_found)?;
+        let at = SystemTime::now();
         let ttl = {
             let mut state = slot.state.lock();
             let entry = state.instances.get_mut(id).ok_or_else(not_found)?;
@@ -427,6 +431,9 @@ impl Registry {
                 }) => {
                     // Only a TTL checker cares; waking an HTTP checker would probe early.
                     entry.wake.notify_one();
+                    if matches!(self.inner.store, Store::Memory) {
+                        entry.heartbeat_at = Some(at);
+                    }
                     RedisStore::ttl_meta(&entry.reg).map(|meta| (entry.generation, meta))
                 }
                 _ => None,
@@ -438,8 +445,34 @@ impl Registry {
             // re-read here: that waits for the mirror's lock, and slow
             // heartbeats under load would let more instances expire.
             store.heartbeat(service, id, generation, &meta).await?;
+            // Shown as a TTL pass only once Redis has the new deadline.
+            let mut state = slot.state.lock();
+            if let Some(e) = state.instances.get_mut(id)
+                && e.generation == generation
+            {
+                e.heartbeat_at = Some(at);
+            }
         }
         Ok(())
+    }
+
+    /// When this process last accepted a heartbeat from each TTL instance of
+    /// `service` (wall clock), by id; instances without one since they
+    /// registered are left out, and so are heartbeats of other check kinds
+    /// (they renew nothing).
+    ///
+    /// With the Redis store, heartbeats sent to another process are not seen
+    /// here (they move the shared deadline without a notification).
+    pub fn heartbeats(&self, service: &str) -> BTreeMap<String, SystemTime> {
+        let Some(slot) = self.inner.existing_slot(service) else {
+            return BTreeMap::new();
+        };
+        let state = slot.state.lock();
+        state
+            .instances
+            .iter()
+            .filter_map(|(id, e)| e.heartbeat_at.map(|t| (id.clone(), t)))
+            .collect()
     }
 
     /// Removes an instance. Returns whether it was registered.
@@ -746,6 +779,7 @@ impl Inner {
                 status: known.status,
                 last_check: known.last_check,
                 last_heartbeat: Instant::now(),
+                heartbeat_at: None,
                 passive_failures: 0,
                 ejected_until: None,
                 wake,

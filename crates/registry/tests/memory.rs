@@ -165,8 +165,19 @@ async fn ttl_expires_and_heartbeat_restores() {
         r.register("jobs", "j1", reg).await.unwrap().status,
         Status::Passing
     );
+    assert!(r.heartbeats("jobs").is_empty(), "no heartbeat yet");
     sleep(S * 9).await;
+    let before = std::time::SystemTime::now();
     r.heartbeat("jobs", "j1").await.unwrap();
+    let seen = r.heartbeats("jobs");
+    assert!(seen["j1"] >= before, "{seen:?}");
+    // A heartbeat of an instance without a TTL check renews nothing.
+    r.register("jobs", "j2", Registration::new("10.0.0.2", 80))
+        .await
+        .unwrap();
+    r.heartbeat("jobs", "j2").await.unwrap();
+    assert_eq!(r.heartbeats("jobs").len(), 1);
+    r.deregister("jobs", "j2").await.unwrap();
     sleep(S * 9).await;
     assert_eq!(status(&r, "jobs", "j1"), Some(Status::Passing));
     sleep(S * 2).await;
