@@ -266,7 +266,7 @@ impl GatewayBuilder {
     }
 
     /// Shows the registry's view of every service on the dashboard (versions,
-    /// last checks, services no route uses).
+    /// last checks and TTL heartbeats, services no route uses).
     pub fn dashboard_registry(mut self, registry: switchboard_registry::Registry) -> Self {
         self.dashboard.registry = Some(registry);
         self

@@ -326,3 +326,40 @@ async fn breaker_transitions_open_half_open_closed_reach_the_frames() {
     assert_eq!(states, ["open", "half_open", "closed"]);
     gw.shutdown().await;
 }
+
+/// TTL instances have no active check: their "last check" on the dashboard
+/// is the last heartbeat the registry accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ttl_instance_that_heartbeats_shows_its_last_check() {
+    use switchboard_registry::{CheckSpec, Registration, Registry, RegistryOptions};
+    let registry = Registry::memory(RegistryOptions::default());
+    let ttl = || Registration::new("127.0.0.1", 9).check(CheckSpec::ttl(Duration::from_secs(30)));
+    registry.register("jobs", "beating", ttl()).await.unwrap();
+    registry.register("jobs", "quiet", ttl()).await.unwrap();
+    let config = Config::parse(
+        Path::new("ttl.toml"),
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nworkers = 1\n",
+    )
+    .unwrap();
+    let gw = GatewayBuilder::new(config)
+        .dashboard_registry(registry.clone())
+        .start()
+        .await
+        .unwrap();
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    registry.heartbeat("jobs", "beating").await.unwrap();
+    let frame = gw.dashboard().tick().await;
+    let jobs = frame.services.iter().find(|s| s.name == "jobs").unwrap();
+    let row = |id: &str| jobs.instances.iter().find(|i| i.id == id).unwrap();
+    let beating = row("beating");
+    let last = beating.last_check.expect("a last check after a heartbeat");
+    assert!(u128::from(last) >= before, "{beating:?}");
+    assert_eq!(beating.last_check_by, Some("heartbeat"));
+    // Registered, never heartbeat since: nothing to show yet.
+    assert_eq!(row("quiet").last_check, None, "{:?}", row("quiet"));
+    gw.shutdown().await;
+    registry.shutdown().await;
+}

@@ -7,9 +7,11 @@
 //! - A sampler task ([`sampler`]) wakes once a second and reads what the
 //!   gateway already keeps: per-route counters and latency histograms
 //!   ([`crate::metrics`]), every breaker's snapshot ([`crate::breaker`]), the
-//!   instance lists (and, when given, the registry's versions and last
-//!   checks), the access-log ring ([`crate::access_log::AccessRing`], filled
-//!   by the log thread) and, when given, the bus's statistics
+//!   instance lists (and, when given, the registry's versions, last checks
+//!   and TTL heartbeats: an instance's "last check" is the later of its last
+//!   active check and its last heartbeat), the access-log ring
+//!   ([`crate::access_log::AccessRing`], filled by the log thread) and, when
+//!   given, the bus's statistics
 //!   ([`switchboard_bus::stats`]). It turns counter deltas into rates and
 //!   histogram deltas into p50/p99, keeps the last five minutes of every
 //!   series ([`sampler::History`]), and, only while someone watches,

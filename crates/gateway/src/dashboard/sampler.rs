@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::time::SystemTime;
 
 use serde::Serialize;
 use switchboard_bus::stats::{GroupStats, RecentEvent, StatsSnapshot};
@@ -93,8 +94,13 @@ pub struct InstanceRow {
     pub status: &'static str,
     /// Registered version, when known.
     pub version: Option<String>,
-    /// Last health check, ms since the Unix epoch, when known.
+    /// When the instance last proved alive or not, ms since the Unix epoch:
+    /// its latest active check or, for a TTL check, the latest heartbeat the
+    /// registry accepted, whichever is later. `None` before either.
     pub last_check: Option<u64>,
+    /// What `last_check` is: `probe` (an active check) or `heartbeat` (a TTL
+    /// heartbeat).
+    pub last_check_by: Option<&'static str>,
     /// Mean latency of the gateway's requests it answered in the last second.
     pub latency_ms: Option<f64>,
     /// Requests per second it answered.
@@ -364,24 +370,29 @@ impl Sampler {
         match input.registry {
             Some(reg) => {
                 for s in reg.services() {
-                    let Some(view) = reg.view(&s.service) else {
+                    // A fresh snapshot: the lock-free view keeps the check
+                    // times of its last change only.
+                    let view = reg.snapshot(&s.service);
+                    if view.instances.is_empty() {
                         continue;
-                    };
+                    }
+                    let heartbeats = reg.heartbeats(&s.service);
                     let instances = view
                         .instances
                         .iter()
-                        .map(|i| InstanceRow {
-                            id: i.id.clone(),
-                            addr: i.host_port(),
-                            status: i.status.as_str(),
-                            version: i.version.as_ref().map(ToString::to_string),
-                            last_check: i.last_check.and_then(|t| {
-                                t.duration_since(std::time::UNIX_EPOCH)
-                                    .ok()
-                                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-                            }),
-                            latency_ms: None,
-                            rps: 0.0,
+                        .map(|i| {
+                            let (last_check, last_check_by) =
+                                last_check(i.last_check, heartbeats.get(&i.id).copied());
+                            InstanceRow {
+                                id: i.id.clone(),
+                                addr: i.host_port(),
+                                status: i.status.as_str(),
+                                version: i.version.as_ref().map(ToString::to_string),
+                                last_check,
+                                last_check_by,
+                                latency_ms: None,
+                                rps: 0.0,
+                            }
                         })
                         .collect();
                     services.push((
@@ -404,6 +415,7 @@ impl Sampler {
                             status,
                             version: None,
                             last_check: None,
+                            last_check_by: None,
                             latency_ms: None,
                             rps: 0.0,
                         })
@@ -500,6 +512,25 @@ impl Sampler {
     }
 }
 
+/// The later of an active check and a TTL heartbeat, in ms since the Unix
+/// epoch, and which one it was.
+fn last_check(
+    probe: Option<SystemTime>,
+    heartbeat: Option<SystemTime>,
+) -> (Option<u64>, Option<&'static str>) {
+    let ms = |t: SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    };
+    match (probe, heartbeat) {
+        (Some(p), Some(h)) if h > p => (ms(h), Some("heartbeat")),
+        (Some(p), _) => (ms(p), Some("probe")),
+        (None, Some(h)) => (ms(h), Some("heartbeat")),
+        (None, None) => (None, None),
+    }
+}
+
 fn i_addrs(list: &[switchboard_registry::Instance]) -> Vec<Option<SocketAddr>> {
     list.iter()
         .map(switchboard_registry::Instance::socket_addr)
@@ -523,6 +554,22 @@ mod tests {
         assert!((p99 - 2.485).abs() < 1e-9, "{p99}");
         // One slow request beyond the last bucket.
         assert_eq!(quantile_ms(0.99, &[0; 14], 1), Some(10_000.0));
+    }
+
+    #[test]
+    fn last_check_is_the_later_of_probe_and_heartbeat() {
+        let at = |ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+        assert_eq!(last_check(None, None), (None, None));
+        assert_eq!(last_check(Some(at(5)), None), (Some(5), Some("probe")));
+        assert_eq!(last_check(None, Some(at(7))), (Some(7), Some("heartbeat")));
+        assert_eq!(
+            last_check(Some(at(9)), Some(at(7))),
+            (Some(9), Some("probe"))
+        );
+        assert_eq!(
+            last_check(Some(at(5)), Some(at(7))),
+            (Some(7), Some("heartbeat"))
+        );
     }
 
     #[test]

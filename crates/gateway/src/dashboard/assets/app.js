@@ -159,11 +159,12 @@ function render(f) {
     n += svc.instances.length;
     passing += up;
     html += `<div class="service" data-service="${esc(svc.name)}"><h3>${esc(svc.name)} <span class="muted">${up}/${svc.instances.length} passing</span></h3>`
-      + '<div class="scroll"><table><thead><tr><th>instance</th><th>address</th><th>version</th><th>last check</th><th class="num">req/s</th><th>latency</th></tr></thead><tbody>';
+      + '<div class="scroll"><table><thead><tr><th>instance</th><th>address</th><th>version</th><th title="the later of the last active check and the last TTL heartbeat">last check</th><th class="num">req/s</th><th>latency</th></tr></thead><tbody>';
     for (const i of svc.instances) {
       const s = state.instances[svc.name + '/' + i.id] || [];
       html += `<tr data-instance="${esc(i.id)}" data-status="${esc(i.status)}"><td><span class="dot ${esc(i.status)}" title="${esc(i.status)}"></span>${esc(i.id)}</td>`
-        + `<td>${esc(i.addr)}</td><td>${esc(i.version || '–')}</td><td>${ago(f.t, i.last_check)}</td>`
+        + `<td>${esc(i.addr)}</td><td>${esc(i.version || '–')}</td>`
+        + `<td${i.last_check ? ` title="${i.last_check_by === 'heartbeat' ? 'heartbeat' : 'check'} at ${esc(new Date(i.last_check).toLocaleTimeString())}"` : ''} data-last-check="${i.last_check || ''}">${ago(f.t, i.last_check)}</td>`
         + `<td class="num">${num(i.rps)}</td><td>${ms(i.latency_ms)} ${spark(s, t1 - INSTANCE_POINTS * 1000, t1)}</td></tr>`;
     }
     html += '</tbody></table></div></div>';
