@@ -38,19 +38,30 @@ function ago(now, t) {
 
 // A sparkline of [t, v] points over [t0, t1]; nulls break the line.
 function spark(points, t0, t1, cls = '', w = 120, h = 24) {
+  return sparks([[points, cls]], t0, t1, w, h);
+}
+
+// Several lines on one scale (p50 and p99 latency): [[points, class], ...].
+// A point between two gaps is drawn as a dot, so sparse traffic still shows.
+function sparks(lines, t0, t1, w = 120, h = 24) {
   let max = 0;
-  for (const [, v] of points) if (v != null && v > max) max = v;
+  for (const [points] of lines) for (const [, v] of points) if (v != null && v > max) max = v;
   if (max <= 0) max = 1;
-  let d = '';
-  let pen = false;
-  for (const [t, v] of points) {
-    if (v == null || t < t0) { pen = false; continue; }
-    const x = ((t - t0) / (t1 - t0)) * w;
-    const y = h - 1 - (v / max) * (h - 2);
-    d += (pen ? 'L' : 'M') + x.toFixed(1) + ' ' + y.toFixed(1);
-    pen = true;
+  let paths = '';
+  for (const [points, cls] of lines) {
+    let d = '';
+    let run = 0;
+    for (const [t, v] of points) {
+      if (v == null || t < t0) { if (run === 1) d += 'h0.8'; run = 0; continue; }
+      const x = ((t - t0) / (t1 - t0)) * w;
+      const y = h - 1 - (v / max) * (h - 2);
+      d += (run ? 'L' : 'M') + x.toFixed(1) + ' ' + y.toFixed(1);
+      run += 1;
+    }
+    if (run === 1) d += 'h0.8';
+    paths += `<path class="${cls}" d="${d}"/>`;
   }
-  return `<svg class="spark" viewBox="0 0 ${w} ${h}" preserveAspectRatio="none" aria-hidden="true"><path class="${cls}" d="${d}"/></svg>`;
+  return `<svg class="spark" viewBox="0 0 ${w} ${h}" preserveAspectRatio="none" aria-hidden="true">${paths}</svg>`;
 }
 
 // A strip of breaker states over the window, from its transitions.
@@ -146,7 +157,7 @@ function render(f) {
     html += `<div class="route" data-route="${esc(r.route)}"><span class="name" title="${esc(r.service)}">${esc(r.route)}</span>`
       + `<span class="metric">req/s <b>${num(r.rps)}</b><br>${spark(s.rps, t0, t1)}</span>`
       + `<span class="metric">errors <b>${pct(r.error_rate)}</b><br>${spark(s.err, t0, t1, 'err')}</span>`
-      + `<span class="metric">p50 <b>${ms(r.p50_ms)}</b> p99 <b>${ms(r.p99_ms)}</b><br>${spark(s.p99, t0, t1, 'p99')}</span></div>`;
+      + `<span class="metric"><span class="key p50">p50</span> <b>${ms(r.p50_ms)}</b> <span class="key p99">p99</span> <b>${ms(r.p99_ms)}</b><br>${sparks([[s.p99, 'p99'], [s.p50, 'p50']], t0, t1)}</span></div>`;
   }
   $('routes').innerHTML = html || '<p class="muted">no routes</p>';
 
