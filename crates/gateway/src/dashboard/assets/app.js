@@ -17,8 +17,12 @@ const state = {
   instances: {},  // service/id -> [[t, v], ...]
   frames: 0,
   lastRenderMs: 0,
+  // The first frame, in ms since the page started loading (performance.now()):
+  // its data arrived, render() returned, its layout was done, it was painted.
+  firstFrame: null,
 };
 window.__switchboard = state; // for tests and curious operators
+const serviceEls = new Map(); // service name -> its element on the page
 
 function esc(s) {
   return String(s ?? '').replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' }[c]));
@@ -97,7 +101,7 @@ function setHistory(h) {
   state.instances = h.instances || {};
 }
 
-function onFrame(f) {
+function onFrame(f, arrived) {
   const t0 = f.t - WINDOW_MS;
   for (const r of f.routes) {
     const s = (state.routes[r.route] ||= { rps: [], err: [], p50: [], p99: [] });
@@ -120,6 +124,16 @@ function onFrame(f) {
   render(f);
   state.lastRenderMs = performance.now() - start;
   document.body.dataset.frames = String(state.frames);
+  if (state.frames === 1) {
+    const first = (state.firstFrame = { arrivedMs: arrived, renderedMs: start + state.lastRenderMs });
+    requestAnimationFrame(() => {
+      // Reading a layout property forces style and layout of what render() built.
+      void document.documentElement.scrollWidth;
+      first.laidOutMs = performance.now();
+      // A task queued from a frame callback runs after that frame is painted.
+      setTimeout(() => { first.paintedMs = performance.now(); }, 0);
+    });
+  }
 }
 
 function render(f) {
@@ -161,15 +175,21 @@ function render(f) {
   }
   $('routes').innerHTML = html || '<p class="muted">no routes</p>';
 
-  // Services.
+  // Services: one element per service, kept from frame to frame, so an
+  // element scrolled out of view keeps its size while the browser skips its
+  // layout and paint (content-visibility: auto in app.css); with 1,000
+  // instances that is most of a frame's layout.
   let n = 0;
   let passing = 0;
-  html = '';
+  const box = $('services');
+  if (!serviceEls.size) box.textContent = '';
+  const seen = new Set();
+  let prev = null;
   for (const svc of f.services) {
     const up = svc.instances.filter((i) => i.status === 'passing').length;
     n += svc.instances.length;
     passing += up;
-    html += `<div class="service" data-service="${esc(svc.name)}"><h3>${esc(svc.name)} <span class="muted">${up}/${svc.instances.length} passing</span></h3>`
+    html = `<h3>${esc(svc.name)} <span class="muted">${up}/${svc.instances.length} passing</span></h3>`
       + '<div class="scroll"><table><thead><tr><th>instance</th><th>address</th><th>version</th><th title="the later of the last active check and the last TTL heartbeat">last check</th><th class="num">req/s</th><th>latency</th></tr></thead><tbody>';
     for (const i of svc.instances) {
       const s = state.instances[svc.name + '/' + i.id] || [];
@@ -178,10 +198,27 @@ function render(f) {
         + `<td${i.last_check ? ` title="${i.last_check_by === 'heartbeat' ? 'heartbeat' : 'check'} at ${esc(new Date(i.last_check).toLocaleTimeString())}"` : ''} data-last-check="${i.last_check || ''}">${ago(f.t, i.last_check)}</td>`
         + `<td class="num">${num(i.rps)}</td><td>${ms(i.latency_ms)} ${spark(s, t1 - INSTANCE_POINTS * 1000, t1)}</td></tr>`;
     }
-    html += '</tbody></table></div></div>';
+    html += '</tbody></table></div>';
+    let el = serviceEls.get(svc.name);
+    if (!el) {
+      el = document.createElement('div');
+      el.className = 'service';
+      el.dataset.service = svc.name;
+      // Until it is first laid out: a heading and a table head (3.5rem), the rows (2.07rem each).
+      el.style.containIntrinsicSize = `auto ${(3.5 + 2.07 * svc.instances.length).toFixed(1)}rem`;
+      serviceEls.set(svc.name, el);
+    }
+    el.innerHTML = html;
+    const at = prev ? prev.nextSibling : box.firstChild;
+    if (at !== el) box.insertBefore(el, at);
+    prev = el;
+    seen.add(svc.name);
+  }
+  for (const [name, el] of serviceEls) {
+    if (!seen.has(name)) { el.remove(); serviceEls.delete(name); }
   }
   $('service-summary').textContent = `${f.services.length} services, ${passing}/${n} instances passing`;
-  $('services').innerHTML = html || '<p class="muted">no services</p>';
+  if (!f.services.length) box.innerHTML = '<p class="muted">no services</p>';
 
   // Bus.
   const bus = f.bus;
@@ -260,6 +297,7 @@ async function connect() {
 }
 
 function handle(block) {
+  const arrived = performance.now();
   let event = 'message';
   let data = '';
   for (const line of block.split('\n')) {
@@ -269,7 +307,7 @@ function handle(block) {
   if (!data) return;
   const value = JSON.parse(data);
   if (event === 'history') setHistory(value);
-  else if (event === 'sample') onFrame(value);
+  else if (event === 'sample') onFrame(value, arrived);
 }
 
 async function search(q) {
