@@ -130,16 +130,55 @@ pub struct ResBody {
     complete: bool,
 }
 
+/// An upstream's response body: read by the gateway's own HTTP/1.1 client
+/// ([`crate::h1`]) or by hyper's (h2c, streamed request bodies).
+#[derive(Debug)]
+pub enum UpBody {
+    /// From [`crate::h1`].
+    H1(crate::h1::H1Body),
+    /// From hyper's client.
+    Hyper(Incoming),
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(|e| Box::new(e) as BoxError),
+            UpBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(|e| Box::new(e) as BoxError),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::H1(b) => b.is_end_stream(),
+            UpBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::H1(b) => b.size_hint(),
+            UpBody::Hyper(b) => b.size_hint(),
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Inner {
     Full(Option<Bytes>),
-    Upstream(Incoming),
+    Upstream(UpBody),
     /// An upstream body whose start was read by the gateway (idempotency
     /// keeps a copy of it) and is sent first.
     Prefixed {
         prefix: Option<Bytes>,
         trailers: Option<http::HeaderMap>,
-        rest: Incoming,
+        rest: UpBody,
     },
 }
 
@@ -154,7 +193,7 @@ impl ResBody {
     }
 
     /// The upstream's body, streamed.
-    pub fn upstream(b: Incoming) -> Self {
+    pub fn upstream(b: UpBody) -> Self {
         Self {
             inner: Inner::Upstream(b),
             finish: None,
@@ -186,7 +225,7 @@ impl ResBody {
                 None => break,
                 Some(Err(e)) => {
                     self.upstream_failed();
-                    return Err(Box::new(e));
+                    return Err(e);
                 }
                 Some(Ok(f)) => match f.into_data() {
                     Ok(d) => {
@@ -257,12 +296,7 @@ impl Body for ResBody {
         let this = self.get_mut();
         let r = match &mut this.inner {
             Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Inner::Upstream(b) => match Pin::new(b).poll_frame(cx) {
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e) as BoxError))),
-                Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            },
+            Inner::Upstream(b) => Pin::new(b).poll_frame(cx),
             Inner::Prefixed {
                 prefix,
                 trailers,
@@ -273,14 +307,7 @@ impl Body for ResBody {
                 } else if let Some(t) = trailers.take() {
                     Poll::Ready(Some(Ok(Frame::trailers(t))))
                 } else {
-                    match Pin::new(rest).poll_frame(cx) {
-                        Poll::Ready(Some(Err(e))) => {
-                            Poll::Ready(Some(Err(Box::new(e) as BoxError)))
-                        }
-                        Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
-                        Poll::Ready(None) => Poll::Ready(None),
-                        Poll::Pending => Poll::Pending,
-                    }
+                    Pin::new(rest).poll_frame(cx)
                 }
             }
         };

@@ -122,6 +122,7 @@ pub mod cors;
 pub mod dashboard;
 pub mod discovery;
 pub mod edge_redis;
+pub mod h1;
 pub mod h2c;
 pub mod headers;
 pub mod idempotency;

@@ -3,8 +3,8 @@
 //! Each worker thread keeps its own idle list per upstream address in a
 //! thread-local map, so checking a connection out or in takes no lock and
 //! touches no shared cache line. A connection goes back to the pool only once
-//! its response body has been read to the end (see `ResBody`), so every pooled
-//! connection is idle or about to be.
+//! its response body has been read to the end (see [`crate::h1::H1Body`]), so
+//! every pooled connection is idle.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -17,9 +17,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::body::ReqBody;
+use crate::h1::H1Conn;
 
-/// A connection to an upstream.
-pub type Conn = SendRequest<ReqBody>;
+/// A pooled connection to an upstream.
+pub type Conn = H1Conn;
 
 struct Idle {
     conn: Conn,
@@ -70,7 +71,7 @@ pub enum ConnectError {
 }
 
 /// Pool settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct PoolConfig {
     /// Idle connections older than this are closed instead of reused.
     pub idle_timeout: Duration,
@@ -85,7 +86,7 @@ pub fn take_idle(addr: SocketAddr, cfg: &PoolConfig, now: Instant) -> Option<Con
         let mut m = m.borrow_mut();
         let list = m.get_mut(&addr)?;
         while let Some(idle) = list.pop() {
-            if idle.conn.is_closed() || now.saturating_duration_since(idle.since) > cfg.idle_timeout
+            if !idle.conn.is_usable() || now.saturating_duration_since(idle.since) > cfg.idle_timeout
             {
                 continue;
             }
@@ -98,9 +99,6 @@ pub fn take_idle(addr: SocketAddr, cfg: &PoolConfig, now: Instant) -> Option<Con
 /// Returns a connection whose last response was read to the end; `since`
 /// is a recent instant (the request's start will do).
 pub fn put_idle(addr: SocketAddr, conn: Conn, cfg: &PoolConfig, since: Instant) {
-    if conn.is_closed() {
-        return;
-    }
     IDLE.with(|m| {
         let mut m = m.borrow_mut();
         let list = m.entry(addr).or_default();
@@ -115,14 +113,21 @@ pub fn sweep(cfg: &PoolConfig) {
     IDLE.with(|m| {
         let mut m = m.borrow_mut();
         m.retain(|_, list| {
-            list.retain(|i| !i.conn.is_closed() && i.since.elapsed() <= cfg.idle_timeout);
+            list.retain(|i| i.conn.is_usable() && i.since.elapsed() <= cfg.idle_timeout);
             !list.is_empty()
         });
     });
 }
 
-/// Opens a new connection and spawns its driver task.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, ConnectError> {
+/// Opens a connection driven by hyper's client in a task of its own, for
+/// what [`crate::h1`] does not do: request bodies streamed while the
+/// upstream may already answer, and (`upgrades`) HTTP/1.1 upgrades, whose
+/// driver hands the socket over on `101 Switching Protocols`. Never pooled.
+pub async fn connect_hyper(
+    addr: SocketAddr,
+    timeout: Duration,
+    upgrades: bool,
+) -> Result<SendRequest<ReqBody>, ConnectError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(source)) => return Err(ConnectError::Io { addr, source }),
@@ -137,31 +142,12 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, Connec
             source: std::io::Error::other(e),
         })?;
     tokio::spawn(async move {
-        if let Err(e) = driver.await {
-            tracing::debug!(upstream = %addr, error = %e, "upstream connection ended");
-        }
-    });
-    Ok(conn)
-}
-
-/// Opens a connection for an HTTP/1.1 upgrade (WebSocket): never pooled, its
-/// driver hands the socket over on `101 Switching Protocols`.
-pub async fn connect_upgradable(addr: SocketAddr, timeout: Duration) -> Result<Conn, ConnectError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(source)) => return Err(ConnectError::Io { addr, source }),
-        Err(_) => return Err(ConnectError::Timeout(addr)),
-    };
-    let _ = stream.set_nodelay(true);
-    let (conn, driver) = Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| ConnectError::Io {
-            addr,
-            source: std::io::Error::other(e),
-        })?;
-    tokio::spawn(async move {
-        if let Err(e) = driver.with_upgrades().await {
+        let r = if upgrades {
+            driver.with_upgrades().await
+        } else {
+            driver.await
+        };
+        if let Err(e) = r {
             tracing::debug!(upstream = %addr, error = %e, "upstream connection ended");
         }
     });

@@ -33,7 +33,7 @@ use hyper::upgrade::OnUpgrade;
 use tokio::time::{sleep_until, timeout_at};
 
 use crate::access_log::{AccessLog, AccessRecord};
-use crate::body::{ReqBody, ResBody, Streamed};
+use crate::body::{ReqBody, ResBody, Streamed, UpBody};
 use crate::breaker::OwnedPermit;
 use crate::config::{Protocol, RouteConfig};
 use crate::correlation;
@@ -42,7 +42,8 @@ use crate::headers::{
     strip_hop_by_hop,
 };
 use crate::metrics::{AttemptOutcome, Metrics, RouteSeries};
-use crate::pool::{self, Conn, PoolConfig};
+use crate::h1::{H1Body, H1Conn, Outgoing, SendError};
+use crate::pool::{self, PoolConfig};
 use crate::problem::{self, Problem};
 use crate::retry::{Budget, backoff, is_idempotent};
 use crate::route::{RouteMatch, RouteTable, rewrite};
@@ -120,7 +121,6 @@ pub(crate) struct Finish {
     status: u16,
     attempts: u32,
     upstream: Option<Arc<Upstream>>,
-    conn: Option<Conn>,
     /// The upstream's verdict while its body streams: its breaker permit and
     /// service (for passive health). Settled as a success at the body's clean
     /// end, as a failure on an upstream body error, and not at all when the
@@ -159,9 +159,6 @@ impl Finish {
                 }
             }
             u.outstanding.dec();
-            if complete && let Some(c) = self.conn {
-                pool::put_idle(u.addr, c, &self.gw.pool, self.start);
-            }
         }
         self.gw.metrics.request(self.route, self.status, duration);
         self.gw.access.log(AccessRecord {
@@ -434,7 +431,6 @@ impl Gateway {
             status: 0,
             attempts: 0,
             upstream: None,
-            conn: None,
             verdict: None,
             tls,
         }
@@ -654,7 +650,7 @@ impl Gateway {
         let mut tried = Tried::new();
         let mut body = Some(body);
         let mut last: Option<(Problem, String)> = None;
-        let mut pending_response: Option<Response<Incoming>> = None;
+        let mut pending_response: Option<Response<UpBody>> = None;
         let mut lost_races = 0;
         loop {
             fin.attempts += 1;
@@ -728,36 +724,17 @@ impl Gateway {
                 let req = attempt_request(&mut parts, &mut body, keep_for_retry);
                 Box::pin(self.send_h2(req, &u, cfg, attempt_deadline))
                     .await
-                    .map(|r| (r, None))
+                    .map(|r| r.map(UpBody::Hyper))
+            } else if let Some(ReqBody::Stream(_)) = &body {
+                // Never replayed: the body is moved into the one attempt.
+                let req = attempt_request(&mut parts, &mut body, false);
+                Box::pin(self.send_streamed(req, &u, cfg, attempt_deadline)).await
             } else {
-                // Connect (or reuse). Nothing is sent before this succeeds.
-                let conn = match pool::take_idle(u.addr, &self.pool, start) {
-                    Some(c) => Ok(c),
-                    None => {
-                        match Box::pin(timeout_at(
-                            attempt_deadline,
-                            pool::connect(u.addr, cfg.connect_timeout),
-                        ))
-                        .await
-                        {
-                            Ok(r) => r.map_err(|_| Failure::Connect),
-                            Err(_) => Err(Failure::Connect),
-                        }
-                    }
-                };
-                match conn {
-                    Err(f) => Err(f),
-                    Ok(mut conn) => {
-                        let mut req = attempt_request(&mut parts, &mut body, keep_for_retry);
-                        req.headers_mut().insert(header::HOST, u.host.clone());
-                        self.send(&mut conn, req, u.addr, cfg, attempt_deadline)
-                            .await
-                            .map(|r| (r, Some(conn)))
-                    }
-                }
+                self.send_h1(&parts, body.as_ref(), &u, cfg, start, attempt_deadline)
+                    .await
             };
             match result {
-                Ok((res, conn)) => {
+                Ok(res) => {
                     let status = res.status();
                     let server_error = status.is_server_error();
                     // A success is only known at the end of the body (an
@@ -804,11 +781,9 @@ impl Gateway {
                         u.outstanding.dec();
                         // Kept in case no other instance can be tried.
                         pending_response = Some(res);
-                        drop(conn);
                         continue;
                     }
                     fin.upstream = Some(u);
-                    fin.conn = conn;
                     return self.respond(fin, res);
                 }
                 Err(failure) => {
@@ -907,40 +882,103 @@ impl Gateway {
         true
     }
 
-    async fn send(
+    /// One attempt over a pooled (or new) HTTP/1.1 connection to `u`, with
+    /// the gateway's own client: the request is written from borrowed parts,
+    /// so a retry needs no copy of them.
+    async fn send_h1(
         &'static self,
-        conn: &mut Conn,
-        req: Request<ReqBody>,
-        addr: SocketAddr,
+        parts: &http::request::Parts,
+        body: Option<&ReqBody>,
+        u: &Upstream,
+        cfg: &RouteConfig,
+        start: Instant,
+        deadline: tokio::time::Instant,
+    ) -> Result<Response<UpBody>, Failure> {
+        let out = Outgoing {
+            method: &parts.method,
+            target: parts.uri.path_and_query().map_or("/", |pq| pq.as_str()),
+            host: &u.host,
+            headers: &parts.headers,
+            body: match body {
+                Some(ReqBody::Full(b)) => b.as_ref(),
+                _ => None,
+            },
+            declares_body: parts.headers.contains_key(header::CONTENT_LENGTH),
+        };
+        let mut conn = match pool::take_idle(u.addr, &self.pool, start) {
+            Some(c) => c,
+            // Connect: nothing is sent before this succeeds. Boxed, like
+            // every cold path of the request future: its size is what each
+            // keep-alive connection holds.
+            None => match Box::pin(timeout_at(
+                deadline,
+                H1Conn::connect(u.addr, cfg.connect_timeout),
+            ))
+            .await
+            {
+                Ok(Ok(c)) => c,
+                _ => return Err(Failure::Connect),
+            },
+        };
+        let head = match timeout_at(deadline, conn.request(&out)).await {
+            Err(_) => return Err(Failure::Timeout),
+            Ok(Ok(head)) => head,
+            // A pooled connection the upstream closed while idle (the
+            // keep-alive race), found before a byte was written: nothing
+            // was sent, use a fresh one.
+            Ok(Err(SendError::NotSent)) if conn.is_reused() => {
+                let fresh = Box::pin(async {
+                    let mut c = match timeout_at(
+                        deadline,
+                        H1Conn::connect(u.addr, cfg.connect_timeout),
+                    )
+                    .await
+                    {
+                        Ok(Ok(c)) => c,
+                        _ => return Err(Failure::Connect),
+                    };
+                    match timeout_at(deadline, c.request(&out)).await {
+                        Err(_) => Err(Failure::Timeout),
+                        Ok(Ok(head)) => Ok((c, head)),
+                        Ok(Err(SendError::NotSent)) => Err(Failure::Connect),
+                        Ok(Err(_)) => Err(Failure::Reset),
+                    }
+                })
+                .await?;
+                conn = fresh.0;
+                fresh.1
+            }
+            Ok(Err(SendError::NotSent)) => return Err(Failure::Connect),
+            Ok(Err(_)) => return Err(Failure::Reset),
+        };
+        let body = H1Body::new(conn, &head, self.pool, start);
+        Ok(Response::from_parts(head.parts, UpBody::H1(body)))
+    }
+
+    /// One attempt whose body is streamed (too large to buffer): hyper's
+    /// client writes it while the upstream may already answer, over a
+    /// connection of its own.
+    async fn send_streamed(
+        &'static self,
+        mut req: Request<ReqBody>,
+        u: &Upstream,
         cfg: &RouteConfig,
         deadline: tokio::time::Instant,
-    ) -> Result<Response<Incoming>, Failure> {
-        match timeout_at(deadline, conn.try_send_request(req)).await {
+    ) -> Result<Response<UpBody>, Failure> {
+        req.headers_mut().insert(header::HOST, u.host.clone());
+        let mut conn = match timeout_at(
+            deadline,
+            pool::connect_hyper(u.addr, cfg.connect_timeout, false),
+        )
+        .await
+        {
+            Ok(Ok(c)) => c,
+            _ => return Err(Failure::Connect),
+        };
+        match timeout_at(deadline, conn.send_request(req)).await {
             Err(_) => Err(Failure::Timeout),
-            Ok(Ok(res)) => Ok(res),
-            Ok(Err(mut e)) => match e.take_message() {
-                // The pooled connection closed before anything was written
-                // (the keep-alive race): nothing was sent, use a fresh one.
-                Some(req) => {
-                    // Boxed, like every cold path of the request future: its
-                    // size is what each keep-alive connection holds.
-                    Box::pin(async move {
-                        let fresh =
-                            timeout_at(deadline, pool::connect(addr, cfg.connect_timeout)).await;
-                        let Ok(Ok(c)) = fresh else {
-                            return Err(Failure::Connect);
-                        };
-                        *conn = c;
-                        match timeout_at(deadline, conn.send_request(req)).await {
-                            Err(_) => Err(Failure::Timeout),
-                            Ok(Ok(res)) => Ok(res),
-                            Ok(Err(_)) => Err(Failure::Reset),
-                        }
-                    })
-                    .await
-                }
-                None => Err(Failure::Reset),
-            },
+            Ok(Ok(res)) => Ok(res.map(UpBody::Hyper)),
+            Ok(Err(_)) => Err(Failure::Reset),
         }
     }
 
@@ -1061,7 +1099,7 @@ impl Gateway {
         *req.uri_mut() = parts.uri;
         *req.headers_mut() = parts.headers;
         let sent = timeout_at(deadline, async {
-            let mut conn = pool::connect_upgradable(u.addr, cfg.connect_timeout)
+            let mut conn = pool::connect_hyper(u.addr, cfg.connect_timeout, true)
                 .await
                 .map_err(|_| Failure::Connect)?;
             conn.send_request(req).await.map_err(|_| Failure::Reset)
@@ -1097,11 +1135,11 @@ impl Gateway {
         fin.upstream = Some(u);
         if res.status() != StatusCode::SWITCHING_PROTOCOLS {
             // Refused: an ordinary response (the connection is not pooled).
-            return self.respond(fin, res);
+            return self.respond(fin, res.map(UpBody::Hyper));
         }
         let upstream_upgrade = hyper::upgrade::on(&mut res);
         let accepted = res.headers().get(header::UPGRADE).cloned();
-        let mut out = self.respond(fin, res);
+        let mut out = self.respond(fin, res.map(UpBody::Hyper));
         if let Some(p) = accepted {
             out.headers_mut().insert(header::UPGRADE, p);
         }
@@ -1120,7 +1158,7 @@ impl Gateway {
         out
     }
 
-    fn respond(&'static self, mut fin: Finish, res: Response<Incoming>) -> Response<ResBody> {
+    fn respond(&'static self, mut fin: Finish, res: Response<UpBody>) -> Response<ResBody> {
         let (mut parts, body) = res.into_parts();
         response_filter(&mut parts.headers, &fin.request_id);
         fin.status = parts.status.as_u16();

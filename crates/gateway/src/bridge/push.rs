@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, StatusCode};
+use http::{Response, StatusCode};
 use http_body_util::BodyExt as _;
 use switchboard_bus::middleware::correlation;
 use switchboard_bus::{Event, HandlerError, Nack, current_delivery};
@@ -29,7 +29,7 @@ use tokio::time::{Instant, timeout_at};
 
 use super::http_binding::render_binary;
 use super::metrics::SubStats;
-use crate::body::ReqBody;
+use crate::h1::{self, H1Body, H1Conn, Outgoing};
 use crate::pool::{self, PoolConfig};
 use crate::upstream::{Pick, RouteUpstreams, Upstream};
 
@@ -236,64 +236,52 @@ impl Pusher {
     async fn send(
         &self,
         u: &Upstream,
-        mut headers: HeaderMap,
+        headers: HeaderMap,
         body: Bytes,
         deadline: Instant,
     ) -> Result<Answer, SendError> {
         let now = std::time::Instant::now();
+        let connect = || async {
+            match timeout_at(deadline, H1Conn::connect(u.addr, self.connect_timeout)).await {
+                Ok(Ok(c)) => Ok(c),
+                Ok(Err(e)) => Err(SendError::Connect(e.to_string())),
+                Err(_) => Err(SendError::Connect(format!(
+                    "connect to {} timed out",
+                    u.addr
+                ))),
+            }
+        };
         let mut conn = match pool::take_idle(u.addr, &self.pool, now) {
             Some(c) => c,
-            None => match timeout_at(deadline, pool::connect(u.addr, self.connect_timeout)).await {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => return Err(SendError::Connect(e.to_string())),
-                Err(_) => {
-                    return Err(SendError::Connect(format!(
-                        "connect to {} timed out",
-                        u.addr
-                    )));
-                }
-            },
+            None => connect().await?,
         };
-        headers.insert(header::HOST, u.host.clone());
-        let mut req = Request::new(ReqBody::Full(Some(body)));
-        *req.method_mut() = http::Method::POST;
-        *req.uri_mut() = http::Uri::from(self.path.clone());
-        *req.headers_mut() = headers;
-        let res = match timeout_at(deadline, conn.try_send_request(req)).await {
+        let out = Outgoing {
+            method: &http::Method::POST,
+            target: self.path.as_str(),
+            host: &u.host,
+            headers: &headers,
+            body: Some(&body),
+            declares_body: true,
+        };
+        let broke = |e: h1::SendError| SendError::Reset(format!("the connection broke: {e:?}"));
+        let head = match timeout_at(deadline, conn.request(&out)).await {
             Err(_) => return Err(SendError::Timeout),
-            Ok(Ok(res)) => res,
-            Ok(Err(mut e)) => match e.take_message() {
-                // The pooled connection closed before anything was written
-                // (the keep-alive race): nothing was sent, use a fresh one.
-                Some(req) => {
-                    conn = match timeout_at(deadline, pool::connect(u.addr, self.connect_timeout))
-                        .await
-                    {
-                        Ok(Ok(c)) => c,
-                        Ok(Err(e)) => return Err(SendError::Connect(e.to_string())),
-                        Err(_) => {
-                            return Err(SendError::Connect(format!(
-                                "connect to {} timed out",
-                                u.addr
-                            )));
-                        }
-                    };
-                    match timeout_at(deadline, conn.send_request(req)).await {
-                        Err(_) => return Err(SendError::Timeout),
-                        Ok(Ok(res)) => res,
-                        Ok(Err(e)) => {
-                            return Err(SendError::Reset(format!("the connection broke: {e}")));
-                        }
-                    }
+            Ok(Ok(head)) => head,
+            // A pooled connection the upstream closed while idle (the
+            // keep-alive race), found before a byte was written: nothing
+            // was sent, use a fresh one.
+            Ok(Err(h1::SendError::NotSent)) if conn.is_reused() => {
+                conn = connect().await?;
+                match timeout_at(deadline, conn.request(&out)).await {
+                    Err(_) => return Err(SendError::Timeout),
+                    Ok(Ok(head)) => head,
+                    Ok(Err(e)) => return Err(broke(e)),
                 }
-                None => {
-                    return Err(SendError::Reset(format!(
-                        "the connection broke: {}",
-                        e.into_error()
-                    )));
-                }
-            },
+            }
+            Ok(Err(e)) => return Err(broke(e)),
         };
+        let body = H1Body::new(conn, &head, self.pool, now);
+        let res = Response::from_parts(head.parts, body);
         let status = res.status();
         let retry_after = res
             .headers()
@@ -301,11 +289,9 @@ impl Pusher {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
         let body = http_body_util::Limited::new(res.into_body(), MAX_READ);
+        // Read to the end, the connection goes back to the pool.
         let excerpt = match timeout_at(deadline, body.collect()).await {
-            Ok(Ok(collected)) => {
-                pool::put_idle(u.addr, conn, &self.pool, std::time::Instant::now());
-                excerpt(&collected.to_bytes())
-            }
+            Ok(Ok(collected)) => excerpt(&collected.to_bytes()),
             // Too large or too slow: the connection is not reused.
             Ok(Err(_)) | Err(_) => String::new(),
         };

@@ -1,0 +1,658 @@
+//! HTTP/1.1 to upstreams, driven inside the request's own task.
+//!
+//! Why by hand: hyper's `client::conn::http1` runs every connection in a
+//! task of its own and passes each request to it through a channel and the
+//! response back through a oneshot. For a proxy that is two extra task
+//! wake-ups and about 2,500 instructions per request before a byte moves
+//! (measured with `bench/gateway-callgrind.sh`), plus a copy of the header
+//! map whenever a retry may still need it. What the gateway sends on this
+//! path is simple: a request whose body is already in memory (none, or at
+//! most the route's `retry_buffer_bytes`). So a request is one buffer
+//! written from borrowed parts (nothing copied for a retry), the response
+//! head is parsed with `httparse` (the parser hyper itself uses) into an
+//! `http::HeaderMap` whose values share one buffer, and the body is read by
+//! whoever polls it: hyper's server connection, in the same task.
+//!
+//! Bodies the gateway streams upstream (larger than the retry buffer) must
+//! be written while the upstream may already answer; they, upgrades
+//! (WebSocket) and h2c stay on hyper's client ([`crate::pool::connect_hyper`]).
+//!
+//! Framing follows RFC 9112 §6.3: no body for `HEAD`, 1xx, 204 and 304;
+//! `Transfer-Encoding` ending in `chunked` wins over `Content-Length` (which
+//! is then dropped, and the connection is not reused); differing or invalid
+//! `Content-Length` values are an error, never a guess; anything else is read
+//! until the upstream closes. A connection goes back to the pool only when
+//! its response was read to the end, the upstream did not ask to close, and
+//! no stray byte followed the response.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf as _, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
+
+use crate::pool::{self, ConnectError, PoolConfig};
+
+/// Most header lines in a response head (hyper's limit too).
+const MAX_HEADERS: usize = 100;
+/// Largest response head accepted.
+const MAX_HEAD: usize = 64 * 1024;
+/// Largest chunk-size line or trailer section accepted.
+const MAX_CHUNK_META: usize = 16 * 1024;
+/// Bytes reserved in the read buffer before each read.
+const READ_CHUNK: usize = 8 * 1024;
+/// A body at most this long is copied behind the head (one write).
+const COPY_BODY: usize = 16 * 1024;
+
+/// An HTTP/1.1 connection to an upstream.
+#[derive(Debug)]
+pub struct H1Conn {
+    io: TcpStream,
+    rd: BytesMut,
+    wr: Vec<u8>,
+    addr: SocketAddr,
+    /// Served a request before (may have been closed by the upstream while idle).
+    reused: bool,
+}
+
+/// Why an attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// Nothing reached the upstream (the write failed before its first byte).
+    NotSent,
+    /// The request was sent, or partly sent, then the connection broke
+    /// before a response head arrived.
+    Reset,
+    /// The upstream answered with something that is not a valid HTTP/1.1
+    /// response head.
+    Malformed,
+}
+
+impl H1Conn {
+    /// Opens a connection (with `TCP_NODELAY`).
+    pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Self, ConnectError> {
+        let io = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => return Err(ConnectError::Io { addr, source }),
+            Err(_) => return Err(ConnectError::Timeout(addr)),
+        };
+        let _ = io.set_nodelay(true);
+        Ok(Self {
+            io,
+            rd: BytesMut::new(),
+            wr: Vec::new(),
+            addr,
+            reused: false,
+        })
+    }
+
+    /// The upstream's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The connection served a request before this one.
+    pub fn is_reused(&self) -> bool {
+        self.reused
+    }
+
+    /// Still usable for a request: the upstream has neither closed it nor
+    /// sent anything while it was idle. Costs no system call unless the
+    /// runtime saw the socket become readable.
+    pub fn is_usable(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut b = [0u8; 1];
+                matches!(self.io.try_read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// Sends a request and reads the response head. `headers` must already
+    /// be free of hop-by-hop fields; `Host`, `Content-Length`,
+    /// `Transfer-Encoding` and `Expect` in it are ignored (the host and the
+    /// framing are written from `host` and `body`).
+    pub async fn request(
+        &mut self,
+        req: &Outgoing<'_>,
+    ) -> Result<Head, SendError> {
+        self.encode(req);
+        let body = req.body.filter(|b| b.len() > COPY_BODY);
+        let mut sent = 0;
+        let wr = std::mem::take(&mut self.wr);
+        let r = write_all(&mut self.io, &wr, &mut sent).await;
+        self.wr = wr;
+        r?;
+        if let Some(b) = body {
+            write_all(&mut self.io, b, &mut sent).await?;
+        }
+        self.reused = true;
+        let head_request = req.method == Method::HEAD;
+        loop {
+            if !self.rd.is_empty()
+                && let Some(head) = parse_head(&mut self.rd, head_request)?
+            {
+                return Ok(head);
+            }
+            if self.rd.len() >= MAX_HEAD {
+                return Err(SendError::Malformed);
+            }
+            self.rd.reserve(READ_CHUNK);
+            match tokio::io::AsyncReadExt::read_buf(&mut self.io, &mut self.rd).await {
+                Ok(0) | Err(_) => return Err(SendError::Reset),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn encode(&mut self, req: &Outgoing<'_>) {
+        let w = &mut self.wr;
+        w.clear();
+        w.extend_from_slice(req.method.as_str().as_bytes());
+        w.push(b' ');
+        w.extend_from_slice(req.target.as_bytes());
+        w.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        w.extend_from_slice(req.host.as_bytes());
+        w.extend_from_slice(b"\r\n");
+        for (name, value) in req.headers {
+            if name == header::HOST
+                || name == header::CONTENT_LENGTH
+                || name == header::TRANSFER_ENCODING
+                || name == header::EXPECT
+            {
+                continue;
+            }
+            w.extend_from_slice(name.as_str().as_bytes());
+            w.extend_from_slice(b": ");
+            w.extend_from_slice(value.as_bytes());
+            w.extend_from_slice(b"\r\n");
+        }
+        let len = req.body.map_or(0, Bytes::len);
+        if len > 0 || req.declares_body || sends_body(req.method) {
+            w.extend_from_slice(b"content-length: ");
+            w.extend_from_slice(itoa::Buffer::new().format(len).as_bytes());
+            w.extend_from_slice(b"\r\n");
+        }
+        w.extend_from_slice(b"\r\n");
+        if let Some(b) = req.body.filter(|b| b.len() <= COPY_BODY) {
+            w.extend_from_slice(b);
+        }
+    }
+}
+
+/// Methods whose requests carry a body (`Content-Length: 0` when empty, as
+/// hyper's client does).
+fn sends_body(m: &Method) -> bool {
+    *m == Method::POST || *m == Method::PUT || *m == Method::PATCH
+}
+
+async fn write_all(io: &mut TcpStream, buf: &[u8], sent: &mut usize) -> Result<(), SendError> {
+    let mut off = 0;
+    while off < buf.len() {
+        match io.write(&buf[off..]).await {
+            Ok(n) if n > 0 => {
+                off += n;
+                *sent += n;
+            }
+            _ => {
+                return Err(if *sent == 0 {
+                    SendError::NotSent
+                } else {
+                    SendError::Reset
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What one request sends, borrowed from the proxy's request parts.
+#[derive(Debug)]
+pub struct Outgoing<'a> {
+    /// Method.
+    pub method: &'a Method,
+    /// Origin-form target (path and query).
+    pub target: &'a str,
+    /// `Host` for this upstream.
+    pub host: &'a HeaderValue,
+    /// The other header fields.
+    pub headers: &'a HeaderMap,
+    /// The buffered body, if any.
+    pub body: Option<&'a Bytes>,
+    /// The client declared a body (a `Content-Length`, maybe 0).
+    pub declares_body: bool,
+}
+
+/// A response head.
+#[derive(Debug)]
+pub struct Head {
+    /// Status, version and header fields (hop-by-hop `Connection: close` /
+    /// `keep-alive`, `Keep-Alive` and `Transfer-Encoding` already left out).
+    pub parts: http::response::Parts,
+    /// How its body is delimited.
+    pub framing: Framing,
+    /// The connection may serve another request after this response.
+    pub keep_alive: bool,
+}
+
+/// How the response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body.
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked,
+    /// Until the upstream closes the connection (never reused).
+    Eof,
+}
+
+/// The response head, if `rd` holds a complete one (interim 1xx responses
+/// are skipped). On success the head's bytes are split off `rd`, whose rest
+/// is the start of the body.
+fn parse_head(rd: &mut BytesMut, head_request: bool) -> Result<Option<Head>, SendError> {
+    loop {
+        let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut hs);
+        let n = match res.parse(rd) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(_) => return Err(SendError::Malformed),
+        };
+        let code = res.code.unwrap_or(0);
+        let status = StatusCode::from_u16(code).map_err(|_| SendError::Malformed)?;
+        if status.is_informational() {
+            // 100 Continue, 103 Early Hints: not forwarded. 101 was not
+            // asked for on this path (upgrades go through hyper).
+            if code == 101 {
+                return Err(SendError::Malformed);
+            }
+            rd.advance(n);
+            continue;
+        }
+        let version = if res.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        // Offsets into the head, so the values can share one buffer.
+        let base = rd.as_ptr() as usize;
+        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        let count = res.headers.len();
+        for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
+            let ns = h.name.as_ptr() as usize - base;
+            let vs = h.value.as_ptr() as usize - base;
+            *span = (ns, ns + h.name.len(), vs, vs + h.value.len());
+        }
+        let head = rd.split_to(n).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        let mut framing = None;
+        let mut length: Option<u64> = None;
+        let mut keep_alive = version == Version::HTTP_11;
+        for &(ns, ne, vs, ve) in &spans[..count] {
+            let name = HeaderName::from_bytes(&head[ns..ne]).map_err(|_| SendError::Malformed)?;
+            let raw = &head[vs..ve];
+            if name == header::CONTENT_LENGTH {
+                let n = parse_length(raw).ok_or(SendError::Malformed)?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(SendError::Malformed);
+                }
+                length = Some(n);
+            } else if name == header::TRANSFER_ENCODING {
+                // The last coding decides (RFC 9112 §6.3): chunked or not.
+                framing = Some(last_token_is(raw, b"chunked"));
+                continue;
+            } else if name == header::CONNECTION {
+                if has_token(raw, b"close") {
+                    keep_alive = false;
+                } else if has_token(raw, b"keep-alive") {
+                    keep_alive = true;
+                }
+                if only_tokens(raw, &[b"close", b"keep-alive"]) {
+                    // The usual value: nothing for the hop-by-hop filter to do.
+                    continue;
+                }
+            } else if name.as_str() == "keep-alive" {
+                continue;
+            }
+            let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
+                .map_err(|_| SendError::Malformed)?;
+            headers.append(name, value);
+        }
+        let framing = if head_request
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            Framing::Empty
+        } else {
+            match (framing, length) {
+                (Some(true), _) => {
+                    if length.is_some() {
+                        // Both: chunked wins; the length must not reach the
+                        // client, and the connection is not trusted again.
+                        headers.remove(header::CONTENT_LENGTH);
+                        keep_alive = false;
+                    }
+                    Framing::Chunked
+                }
+                (Some(false), _) => {
+                    headers.remove(header::CONTENT_LENGTH);
+                    Framing::Eof
+                }
+                (None, Some(0)) => Framing::Empty,
+                (None, Some(n)) => Framing::Length(n),
+                (None, None) => Framing::Eof,
+            }
+        };
+        let mut parts = http::Response::new(()).into_parts().0;
+        parts.status = status;
+        parts.version = version;
+        parts.headers = headers;
+        return Ok(Some(Head {
+            parts,
+            framing,
+            keep_alive: keep_alive && framing != Framing::Eof,
+        }));
+    }
+}
+
+fn parse_length(v: &[u8]) -> Option<u64> {
+    let v = v.trim_ascii();
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+fn has_token(v: &[u8], t: &[u8]) -> bool {
+    tokens(v).any(|x| x.eq_ignore_ascii_case(t))
+}
+
+fn only_tokens(v: &[u8], allowed: &[&[u8]]) -> bool {
+    tokens(v).all(|x| allowed.iter().any(|a| x.eq_ignore_ascii_case(a)))
+}
+
+fn last_token_is(v: &[u8], t: &[u8]) -> bool {
+    tokens(v).last().is_some_and(|x| x.eq_ignore_ascii_case(t))
+}
+
+/// A response body read from an [`H1Conn`] by whoever polls it. At its clean
+/// end the connection goes back to this worker's pool; dropped earlier, the
+/// connection is closed.
+#[derive(Debug)]
+pub struct H1Body {
+    conn: Option<H1Conn>,
+    state: State,
+    keep_alive: bool,
+    pool: PoolConfig,
+    since: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// This many bytes left.
+    Length(u64),
+    /// Until the upstream closes.
+    Eof,
+    /// Expecting a chunk-size line.
+    ChunkSize,
+    /// This many bytes of the current chunk left.
+    ChunkData(u64),
+    /// Expecting the CRLF after a chunk's data.
+    ChunkEnd,
+    /// After the last chunk: trailer fields, then an empty line.
+    Trailers,
+    /// Read to the end.
+    Done,
+}
+
+/// The upstream's body broke off or was malformed.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The connection closed before the body's end.
+    #[error("the upstream closed the connection before the end of the body")]
+    Truncated,
+    /// Reading failed.
+    #[error("reading the upstream's body failed: {0}")]
+    Io(#[from] io::Error),
+    /// Bad chunked framing.
+    #[error("the upstream's chunked body is malformed")]
+    BadChunk,
+}
+
+impl H1Body {
+    /// The body of the response `head` just read from `conn`. `since` (a
+    /// recent instant) stamps the connection when it goes back to the pool.
+    pub fn new(conn: H1Conn, head: &Head, pool: PoolConfig, since: Instant) -> Self {
+        let state = match head.framing {
+            Framing::Empty => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::ChunkSize,
+            Framing::Eof => State::Eof,
+        };
+        let mut body = Self {
+            conn: Some(conn),
+            state,
+            keep_alive: head.keep_alive,
+            pool,
+            since,
+        };
+        if state == State::Done {
+            body.release();
+        }
+        body
+    }
+
+    /// At the body's end: back to the pool if the connection can serve again.
+    fn release(&mut self) {
+        if let Some(c) = self.conn.take()
+            && self.keep_alive
+            && c.rd.is_empty()
+        {
+            pool::put_idle(c.addr, c, &self.pool, self.since);
+        }
+    }
+
+    /// Hands out up to `max` buffered bytes.
+    fn take(conn: &mut H1Conn, max: u64) -> Bytes {
+        let k = max.min(conn.rd.len() as u64) as usize;
+        conn.rd.split_to(k).freeze()
+    }
+}
+
+/// Reads more into the connection's buffer: the number of bytes read (0 at
+/// the upstream's close).
+fn poll_fill(conn: &mut H1Conn, cx: &mut Context<'_>, want: u64) -> Poll<io::Result<usize>> {
+    let want = (want.min(64 * 1024) as usize).max(READ_CHUNK);
+    conn.rd.reserve(want);
+    tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.rd)
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A chunk-size line without its CRLF: hex digits, then optional
+/// extensions (ignored).
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let end = line
+        .iter()
+        .position(|&b| b == b';' || b == b' ' || b == b'\t')
+        .unwrap_or(line.len());
+    let digits = &line[..end];
+    if digits.is_empty() || digits.len() > 15 {
+        return None;
+    }
+    let mut n = 0u64;
+    for &d in digits {
+        n = n * 16 + u64::from((d as char).to_digit(16)?);
+    }
+    Some(n)
+}
+
+/// Trailer fields (the bytes up to and including the empty line).
+fn trailers(block: &[u8]) -> Option<HeaderMap> {
+    let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let (_, fields) = match httparse::parse_headers(block, &mut hs) {
+        Ok(httparse::Status::Complete(r)) => r,
+        _ => return None,
+    };
+    let mut map = HeaderMap::with_capacity(fields.len());
+    for f in fields {
+        map.append(
+            HeaderName::from_bytes(f.name.as_bytes()).ok()?,
+            HeaderValue::from_bytes(f.value).ok()?,
+        );
+    }
+    Some(map)
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            // How many bytes to ask for when the buffer runs dry.
+            let want = match this.state {
+                State::Done => {
+                    this.release();
+                    return Poll::Ready(None);
+                }
+                State::Length(rem) if !conn.rd.is_empty() => {
+                    let data = Self::take(conn, rem);
+                    let rem = rem - data.len() as u64;
+                    if rem == 0 {
+                        this.state = State::Done;
+                        this.release();
+                    } else {
+                        this.state = State::Length(rem);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                State::ChunkData(rem) if !conn.rd.is_empty() => {
+                    let data = Self::take(conn, rem);
+                    let rem = rem - data.len() as u64;
+                    this.state = if rem == 0 {
+                        State::ChunkEnd
+                    } else {
+                        State::ChunkData(rem)
+                    };
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                State::Eof if !conn.rd.is_empty() => {
+                    let data = conn.rd.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                State::Length(rem) | State::ChunkData(rem) => rem,
+                State::Eof => READ_CHUNK as u64,
+                State::ChunkSize => match find(&conn.rd, b"\r\n") {
+                    Some(i) => {
+                        let size = chunk_size(&conn.rd[..i]).ok_or(BodyError::BadChunk);
+                        let size = match size {
+                            Ok(s) => s,
+                            Err(e) => return Poll::Ready(Some(Err(e))),
+                        };
+                        conn.rd.advance(i + 2);
+                        this.state = if size == 0 {
+                            State::Trailers
+                        } else {
+                            State::ChunkData(size)
+                        };
+                        continue;
+                    }
+                    None if conn.rd.len() > MAX_CHUNK_META => {
+                        return Poll::Ready(Some(Err(BodyError::BadChunk)));
+                    }
+                    None => 0,
+                },
+                State::ChunkEnd => {
+                    if conn.rd.len() >= 2 {
+                        if &conn.rd[..2] != b"\r\n" {
+                            return Poll::Ready(Some(Err(BodyError::BadChunk)));
+                        }
+                        conn.rd.advance(2);
+                        this.state = State::ChunkSize;
+                        continue;
+                    }
+                    0
+                }
+                State::Trailers => {
+                    if conn.rd.starts_with(b"\r\n") {
+                        conn.rd.advance(2);
+                        this.state = State::Done;
+                        continue;
+                    }
+                    match find(&conn.rd, b"\r\n\r\n") {
+                        Some(i) => {
+                            let Some(map) = trailers(&conn.rd[..i + 4]) else {
+                                return Poll::Ready(Some(Err(BodyError::BadChunk)));
+                            };
+                            conn.rd.advance(i + 4);
+                            this.state = State::Done;
+                            this.release();
+                            return Poll::Ready(Some(Ok(Frame::trailers(map))));
+                        }
+                        None if conn.rd.len() > MAX_CHUNK_META => {
+                            return Poll::Ready(Some(Err(BodyError::BadChunk)));
+                        }
+                        None => 0,
+                    }
+                }
+            };
+            match poll_fill(conn, cx, want) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(BodyError::Io(e))));
+                }
+                Poll::Ready(Ok(0)) => {
+                    if this.state == State::Eof {
+                        this.keep_alive = false;
+                        this.state = State::Done;
+                        continue;
+                    }
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(BodyError::Truncated)));
+                }
+                Poll::Ready(Ok(_)) => {}
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state == State::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Length(n) => SizeHint::with_exact(n),
+            State::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
