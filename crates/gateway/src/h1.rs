@@ -122,10 +122,7 @@ impl H1Conn {
     /// be free of hop-by-hop fields; `Host`, `Content-Length`,
     /// `Transfer-Encoding` and `Expect` in it are ignored (the host and the
     /// framing are written from `host` and `body`).
-    pub async fn request(
-        &mut self,
-        req: &Outgoing<'_>,
-    ) -> Result<Head, SendError> {
+    pub async fn request(&mut self, req: &Outgoing<'_>) -> Result<Head, SendError> {
         self.encode(req);
         let body = req.body.filter(|b| b.len() > COPY_BODY);
         let mut sent = 0;
@@ -653,6 +650,331 @@ impl Body for H1Body {
             State::Length(n) => SizeHint::with_exact(n),
             State::Done => SizeHint::with_exact(0),
             _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt as _;
+    use proptest::prelude::*;
+    use tokio::io::AsyncReadExt as _;
+    use tokio::net::TcpListener;
+
+    fn head(raw: &str, head_request: bool) -> Result<Option<Head>, SendError> {
+        let mut rd = BytesMut::from(raw.as_bytes());
+        parse_head(&mut rd, head_request)
+    }
+
+    fn framing(raw: &str) -> (Framing, bool) {
+        let h = head(raw, false).unwrap().unwrap();
+        (h.framing, h.keep_alive)
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
+            (Framing::Length(5), true)
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"),
+            (Framing::Empty, true)
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"),
+            (Framing::Chunked, true)
+        );
+        // Both: chunked wins, and the connection is not trusted again.
+        let h = head(
+            "HTTP/1.1 200 OK\r\ncontent-length: 9\r\ntransfer-encoding: chunked\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, false));
+        assert!(!h.parts.headers.contains_key(header::CONTENT_LENGTH));
+        // A coding that is not chunked last: read to the close.
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n"),
+            (Framing::Eof, false)
+        );
+        assert_eq!(framing("HTTP/1.1 200 OK\r\n\r\n"), (Framing::Eof, false));
+        assert_eq!(
+            framing("HTTP/1.1 204 No Content\r\ncontent-length: 7\r\n\r\n"),
+            (Framing::Empty, true)
+        );
+        assert_eq!(
+            framing("HTTP/1.1 304 Not Modified\r\n\r\n"),
+            (Framing::Empty, true)
+        );
+        let h = head("HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n", true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, Framing::Empty);
+        assert_eq!(h.parts.headers[header::CONTENT_LENGTH], "7");
+        // Keep-alive: HTTP/1.1 unless `close`; HTTP/1.0 only with `keep-alive`.
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n"),
+            (Framing::Length(1), false)
+        );
+        assert_eq!(
+            framing("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n"),
+            (Framing::Length(1), false)
+        );
+        assert_eq!(
+            framing("HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\ncontent-length: 1\r\n\r\n"),
+            (Framing::Length(1), true)
+        );
+        // The same length twice is one length.
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 3\r\n\r\n"),
+            (Framing::Length(3), true)
+        );
+    }
+
+    #[test]
+    fn bad_heads_are_errors_never_guesses() {
+        for raw in [
+            "HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 1,2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            "HTTP/1.1 20 Short\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+            "SMTP ready\r\n\r\n",
+        ] {
+            assert_eq!(
+                head(raw, false).unwrap_err(),
+                SendError::Malformed,
+                "{raw:?}"
+            );
+        }
+        assert!(
+            head("HTTP/1.1 200 OK\r\ncontent-len", false)
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn interim_responses_are_skipped_and_the_rest_stays_buffered() {
+        let mut rd = BytesMut::from(
+            &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\nx-a: b\r\n\r\nhi"[..],
+        );
+        let h = parse_head(&mut rd, false).unwrap().unwrap();
+        assert_eq!(h.parts.status, StatusCode::CREATED);
+        assert_eq!(h.parts.headers["x-a"], "b");
+        assert!(!h.parts.headers.contains_key("link"));
+        assert_eq!(&rd[..], b"hi");
+    }
+
+    #[test]
+    fn hop_by_hop_connection_values_are_left_out_unless_they_name_fields() {
+        let h = head(
+            "HTTP/1.1 200 OK\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\ncontent-length: 0\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.parts.headers.len(), 1, "{:?}", h.parts.headers);
+        assert_eq!(h.parts.headers[header::CONTENT_LENGTH], "0");
+        // A listed field name stays visible to the hop-by-hop filter.
+        let h = head(
+            "HTTP/1.1 200 OK\r\nconnection: x-secret\r\nx-secret: 1\r\ncontent-length: 0\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.parts.headers["connection"], "x-secret");
+    }
+
+    #[test]
+    fn chunk_sizes() {
+        assert_eq!(chunk_size(b"1a"), Some(26));
+        assert_eq!(chunk_size(b"FF;name=value"), Some(255));
+        assert_eq!(chunk_size(b"0"), Some(0));
+        assert_eq!(chunk_size(b""), None);
+        assert_eq!(chunk_size(b"-1"), None);
+        assert_eq!(chunk_size(b"0x10"), None);
+        assert_eq!(chunk_size(b"1000000000000000"), None);
+    }
+
+    /// A response served by a one-shot upstream, read through `H1Conn` and
+    /// `H1Body`, its bytes written in pieces of `split` bytes.
+    async fn exchange(
+        response: Vec<u8>,
+        split: usize,
+    ) -> (Head, Result<(Bytes, Option<HeaderMap>), String>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut req = vec![0u8; 4096];
+            let _ = s.read(&mut req).await.unwrap();
+            for piece in response.chunks(split.max(1)) {
+                s.write_all(piece).await.unwrap();
+                s.flush().await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        });
+        let mut conn = H1Conn::connect(addr, Duration::from_secs(5)).await.unwrap();
+        let host = HeaderValue::from_static("up");
+        let headers = HeaderMap::new();
+        let h = conn
+            .request(&Outgoing {
+                method: &Method::GET,
+                target: "/x",
+                host: &host,
+                headers: &headers,
+                body: None,
+                declares_body: false,
+            })
+            .await
+            .unwrap();
+        let cfg = PoolConfig {
+            idle_timeout: Duration::from_secs(60),
+            max_idle: 4,
+        };
+        let body = H1Body::new(conn, &h, cfg, Instant::now());
+        let got = body
+            .collect()
+            .await
+            .map(|c| {
+                let t = c.trailers().cloned();
+                (c.to_bytes(), t)
+            })
+            .map_err(|e| e.to_string());
+        server.await.unwrap();
+        (h, got)
+    }
+
+    fn chunked(payload: &[u8], sizes: &[usize], trailer: bool) -> Vec<u8> {
+        let mut out = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        let mut rest = payload;
+        let mut i = 0;
+        while !rest.is_empty() {
+            let n = sizes[i % sizes.len()].clamp(1, rest.len());
+            out.extend_from_slice(format!("{n:x};ext=1\r\n").as_bytes());
+            out.extend_from_slice(&rest[..n]);
+            out.extend_from_slice(b"\r\n");
+            rest = &rest[n..];
+            i += 1;
+        }
+        out.extend_from_slice(b"0\r\n");
+        if trailer {
+            out.extend_from_slice(b"grpc-status: 0\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
+    #[tokio::test]
+    async fn bodies_arrive_whole_or_fail_loudly() {
+        let (_, got) = exchange(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello".to_vec(),
+            3,
+        )
+        .await;
+        assert_eq!(got.unwrap().0, "hello");
+        let (_, got) = exchange(chunked(b"hello world", &[4], true), 5).await;
+        let (b, t) = got.unwrap();
+        assert_eq!(b, "hello world");
+        assert_eq!(t.unwrap()["grpc-status"], "0");
+        let (_, got) = exchange(b"HTTP/1.1 200 OK\r\n\r\nuntil close".to_vec(), 4).await;
+        assert_eq!(got.unwrap().0, "until close");
+        // Cut short: an error, not a shorter body.
+        let (_, got) = exchange(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nshort".to_vec(),
+            64,
+        )
+        .await;
+        assert!(got.unwrap_err().contains("before the end"));
+        let (_, got) = exchange(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n".to_vec(),
+            64,
+        )
+        .await;
+        assert!(got.unwrap_err().contains("malformed"));
+        let (_, got) = exchange(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n".to_vec(),
+            64,
+        )
+        .await;
+        assert!(got.unwrap_err().contains("malformed"));
+    }
+
+    #[tokio::test]
+    async fn a_connection_read_to_the_end_is_pooled_once_and_a_closed_one_is_not_usable() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            for _ in 0..2 {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(buf[..n].starts_with(b"GET /x HTTP/1.1\r\nhost: up\r\n"));
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+            }
+            let _ = close_rx.await;
+            drop(s);
+        });
+        let cfg = PoolConfig {
+            idle_timeout: Duration::from_secs(60),
+            max_idle: 4,
+        };
+        let host = HeaderValue::from_static("up");
+        let headers = HeaderMap::new();
+        let out = Outgoing {
+            method: &Method::GET,
+            target: "/x",
+            host: &host,
+            headers: &headers,
+            body: None,
+            declares_body: false,
+        };
+        let mut conn = H1Conn::connect(addr, Duration::from_secs(5)).await.unwrap();
+        for _ in 0..2 {
+            let h = conn.request(&out).await.unwrap();
+            let body = H1Body::new(conn, &h, cfg, Instant::now());
+            assert_eq!(body.collect().await.unwrap().to_bytes(), "ok");
+            conn = pool::take_idle(addr, &cfg, Instant::now()).expect("pooled after its body");
+            assert!(conn.is_reused());
+            assert!(pool::take_idle(addr, &cfg, Instant::now()).is_none());
+        }
+        close_tx.send(()).unwrap();
+        server.await.unwrap();
+        // The runtime learns of the close; the connection is then refused.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while conn.is_usable() {
+            assert!(Instant::now() < deadline, "close never seen");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Writing to it now fails or its answer never comes: never a response.
+        assert!(conn.request(&out).await.is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        /// Any chunking of any payload, delivered in any piece size, reads
+        /// back as the payload.
+        #[test]
+        fn chunked_bodies_read_back_whole(
+            payload in proptest::collection::vec(any::<u8>(), 0..3000),
+            sizes in proptest::collection::vec(1usize..700, 1..6),
+            split in 1usize..300,
+            trailer in any::<bool>(),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let (_, got) = rt.block_on(exchange(chunked(&payload, &sizes, trailer), split));
+            let (b, t) = got.unwrap();
+            prop_assert_eq!(&b[..], &payload[..]);
+            prop_assert_eq!(t.is_some(), trailer);
         }
     }
 }

@@ -86,7 +86,8 @@ pub fn take_idle(addr: SocketAddr, cfg: &PoolConfig, now: Instant) -> Option<Con
         let mut m = m.borrow_mut();
         let list = m.get_mut(&addr)?;
         while let Some(idle) = list.pop() {
-            if !idle.conn.is_usable() || now.saturating_duration_since(idle.since) > cfg.idle_timeout
+            if !idle.conn.is_usable()
+                || now.saturating_duration_since(idle.since) > cfg.idle_timeout
             {
                 continue;
             }

@@ -37,12 +37,12 @@ use crate::body::{ReqBody, ResBody, Streamed, UpBody};
 use crate::breaker::OwnedPermit;
 use crate::config::{Protocol, RouteConfig};
 use crate::correlation;
+use crate::h1::{H1Body, H1Conn, Outgoing, SendError};
 use crate::headers::{
     IDEMPOTENCY_KEY, TRACEPARENT, TRACESTATE, X_FORWARDED_PROTO, X_REQUEST_ID, set_forwarded,
     strip_hop_by_hop,
 };
 use crate::metrics::{AttemptOutcome, Metrics, RouteSeries};
-use crate::h1::{H1Body, H1Conn, Outgoing, SendError};
 use crate::pool::{self, PoolConfig};
 use crate::problem::{self, Problem};
 use crate::retry::{Budget, backoff, is_idempotent};
@@ -928,15 +928,13 @@ impl Gateway {
             // was sent, use a fresh one.
             Ok(Err(SendError::NotSent)) if conn.is_reused() => {
                 let fresh = Box::pin(async {
-                    let mut c = match timeout_at(
-                        deadline,
-                        H1Conn::connect(u.addr, cfg.connect_timeout),
-                    )
-                    .await
-                    {
-                        Ok(Ok(c)) => c,
-                        _ => return Err(Failure::Connect),
-                    };
+                    let mut c =
+                        match timeout_at(deadline, H1Conn::connect(u.addr, cfg.connect_timeout))
+                            .await
+                        {
+                            Ok(Ok(c)) => c,
+                            _ => return Err(Failure::Connect),
+                        };
                     match timeout_at(deadline, c.request(&out)).await {
                         Err(_) => Err(Failure::Timeout),
                         Ok(Ok(head)) => Ok((c, head)),
