@@ -220,9 +220,15 @@ impl Harness {
         Self::start_with(body, "access_log = false").await
     }
 
+    /// `gateway_extra` adds `[gateway]` keys (two workers unless it sets `workers`).
     pub async fn start_with(body: &str, gateway_extra: &str) -> Harness {
+        let workers = if gateway_extra.contains("workers") {
+            ""
+        } else {
+            "workers = 2\n"
+        };
         let text = format!(
-            "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nworkers = 2\ndrain_timeout = \"5s\"\n{gateway_extra}\n{body}"
+            "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n{workers}drain_timeout = \"5s\"\n{gateway_extra}\n{body}"
         );
         let config =
             Config::parse(Path::new("test.toml"), &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
