@@ -26,6 +26,7 @@
 //! no stray byte followed the response.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
@@ -57,6 +58,9 @@ pub struct H1Conn {
     io: TcpStream,
     rd: BytesMut,
     wr: Vec<u8>,
+    /// Header names and value spans of the head being parsed (kept to
+    /// reuse its allocation).
+    spans: Vec<(HeaderName, usize, usize)>,
     addr: SocketAddr,
     /// Served a request before (may have been closed by the upstream while idle).
     reused: bool,
@@ -88,6 +92,7 @@ impl H1Conn {
             io,
             rd: BytesMut::new(),
             wr: Vec::new(),
+            spans: Vec::new(),
             addr,
             reused: false,
         })
@@ -137,7 +142,7 @@ impl H1Conn {
         let head_request = req.method == Method::HEAD;
         loop {
             if !self.rd.is_empty()
-                && let Some(head) = parse_head(&mut self.rd, head_request)?
+                && let Some(head) = parse_head(&mut self.rd, head_request, &mut self.spans)?
             {
                 return Ok(head);
             }
@@ -258,11 +263,19 @@ pub enum Framing {
 /// The response head, if `rd` holds a complete one (interim 1xx responses
 /// are skipped). On success the head's bytes are split off `rd`, whose rest
 /// is the start of the body.
-fn parse_head(rd: &mut BytesMut, head_request: bool) -> Result<Option<Head>, SendError> {
+fn parse_head(
+    rd: &mut BytesMut,
+    head_request: bool,
+    spans: &mut Vec<(HeaderName, usize, usize)>,
+) -> Result<Option<Head>, SendError> {
     loop {
-        let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut res = httparse::Response::new(&mut hs);
-        let n = match res.parse(rd) {
+        spans.clear();
+        // Uninitialised slots: a 100-header array is not zeroed per response.
+        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut []);
+        let n = match httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut res, rd, &mut slots)
+        {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(_) => return Err(SendError::Malformed),
@@ -283,23 +296,15 @@ fn parse_head(rd: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Sen
         } else {
             Version::HTTP_11
         };
-        // Offsets into the head, so the values can share one buffer.
-        let base = rd.as_ptr() as usize;
-        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-        let count = res.headers.len();
-        for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
-            let ns = h.name.as_ptr() as usize - base;
-            let vs = h.value.as_ptr() as usize - base;
-            *span = (ns, ns + h.name.len(), vs, vs + h.value.len());
-        }
-        let head = rd.split_to(n).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
         let mut framing = None;
         let mut length: Option<u64> = None;
         let mut keep_alive = version == Version::HTTP_11;
-        for &(ns, ne, vs, ve) in &spans[..count] {
-            let name = HeaderName::from_bytes(&head[ns..ne]).map_err(|_| SendError::Malformed)?;
-            let raw = &head[vs..ve];
+        // Names now, values once the head is split off (they share its buffer).
+        let base = rd.as_ptr() as usize;
+        for h in res.headers.iter() {
+            let name =
+                HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| SendError::Malformed)?;
+            let raw = h.value;
             if name == header::CONTENT_LENGTH {
                 let n = parse_length(raw).ok_or(SendError::Malformed)?;
                 if length.is_some_and(|l| l != n) {
@@ -323,6 +328,12 @@ fn parse_head(rd: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Sen
             } else if name.as_str() == "keep-alive" {
                 continue;
             }
+            let vs = raw.as_ptr() as usize - base;
+            spans.push((name, vs, vs + raw.len()));
+        }
+        let head = rd.split_to(n).freeze();
+        let mut headers = HeaderMap::with_capacity(spans.len());
+        for (name, vs, ve) in spans.drain(..) {
             let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
                 .map_err(|_| SendError::Malformed)?;
             headers.append(name, value);
@@ -664,7 +675,7 @@ mod tests {
 
     fn head(raw: &str, head_request: bool) -> Result<Option<Head>, SendError> {
         let mut rd = BytesMut::from(raw.as_bytes());
-        parse_head(&mut rd, head_request)
+        parse_head(&mut rd, head_request, &mut Vec::new())
     }
 
     fn framing(raw: &str) -> (Framing, bool) {
@@ -764,7 +775,9 @@ mod tests {
         let mut rd = BytesMut::from(
             &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\nx-a: b\r\n\r\nhi"[..],
         );
-        let h = parse_head(&mut rd, false).unwrap().unwrap();
+        let h = parse_head(&mut rd, false, &mut Vec::new())
+            .unwrap()
+            .unwrap();
         assert_eq!(h.parts.status, StatusCode::CREATED);
         assert_eq!(h.parts.headers["x-a"], "b");
         assert!(!h.parts.headers.contains_key("link"));
