@@ -407,6 +407,8 @@ fn last_token_is(v: &[u8], t: &[u8]) -> bool {
 #[derive(Debug)]
 pub struct H1Body {
     conn: Option<H1Conn>,
+    /// An error found by a read, reported on the next poll: see `fail`.
+    failed: Option<BodyError>,
     state: State,
     keep_alive: bool,
     pool: PoolConfig,
@@ -457,6 +459,7 @@ impl H1Body {
         };
         let mut body = Self {
             conn: Some(conn),
+            failed: None,
             state,
             keep_alive: head.keep_alive,
             pool,
@@ -476,6 +479,21 @@ impl H1Body {
         {
             pool::put_idle(c.addr, c, &self.pool, self.since);
         }
+    }
+
+    /// The connection failed mid-body. The error is reported on the next
+    /// poll, not this one: the bytes already handed out (and the response
+    /// head) are then flushed to the client before the server aborts the
+    /// response, as when the body was read by another task.
+    fn fail(
+        &mut self,
+        e: BodyError,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.conn = None;
+        self.failed = Some(e);
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
     /// Hands out up to `max` buffered bytes.
@@ -541,6 +559,9 @@ impl Body for H1Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
+        if let Some(e) = this.failed.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
         loop {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
@@ -634,18 +655,14 @@ impl Body for H1Body {
             };
             match poll_fill(conn, cx, want) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => {
-                    this.conn = None;
-                    return Poll::Ready(Some(Err(BodyError::Io(e))));
-                }
+                Poll::Ready(Err(e)) => return this.fail(BodyError::Io(e), cx),
                 Poll::Ready(Ok(0)) => {
                     if this.state == State::Eof {
                         this.keep_alive = false;
                         this.state = State::Done;
                         continue;
                     }
-                    this.conn = None;
-                    return Poll::Ready(Some(Err(BodyError::Truncated)));
+                    return this.fail(BodyError::Truncated, cx);
                 }
                 Poll::Ready(Ok(_)) => {}
             }
