@@ -39,6 +39,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 
+use crate::headers::Forwarding;
 use crate::pool::{self, ConnectError, PoolConfig};
 
 /// Most header lines in a response head (hyper's limit too).
@@ -171,6 +172,7 @@ impl H1Conn {
                 || name == header::CONTENT_LENGTH
                 || name == header::TRANSFER_ENCODING
                 || name == header::EXPECT
+                || req.forwarding.is_some_and(|f| f.replaces(name))
             {
                 continue;
             }
@@ -178,6 +180,9 @@ impl H1Conn {
             w.extend_from_slice(b": ");
             w.extend_from_slice(value.as_bytes());
             w.extend_from_slice(b"\r\n");
+        }
+        if let Some(f) = req.forwarding {
+            f.write_to(w);
         }
         let len = req.body.map_or(0, Bytes::len);
         if len > 0 || req.declares_body || sends_body(req.method) {
@@ -229,6 +234,9 @@ pub struct Outgoing<'a> {
     pub host: &'a HeaderValue,
     /// The other header fields.
     pub headers: &'a HeaderMap,
+    /// Fields the gateway adds, written after `headers` minus the fields
+    /// they replace.
+    pub forwarding: Option<&'a Forwarding>,
     /// The buffered body, if any.
     pub body: Option<&'a Bytes>,
     /// The client declared a body (a `Content-Length`, maybe 0).
@@ -859,6 +867,7 @@ mod tests {
                 target: "/x",
                 host: &host,
                 headers: &headers,
+                forwarding: None,
                 body: None,
                 declares_body: false,
             })
@@ -965,6 +974,7 @@ mod tests {
             target: "/x",
             host: &host,
             headers: &headers,
+            forwarding: None,
             body: None,
             declares_body: false,
         };

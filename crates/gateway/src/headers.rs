@@ -115,12 +115,129 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Appends the client address to `x-forwarded-for` and sets
-/// `x-forwarded-proto` and `x-forwarded-host` (from the client's Host).
-pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<HeaderValue>) {
-    let mut buf = [0u8; 64];
-    let n = match client {
-        // The common case without core::fmt.
+/// What the gateway adds to a forwarded request (phase 4): `traceparent`
+/// (continuing the client's trace or starting one), `x-request-id`,
+/// `x-forwarded-for` (the client's address appended), `x-forwarded-proto`
+/// and `x-forwarded-host` (the client's `Host`). Computed once per request
+/// (a retry sends the same), then either inserted into the header map, for
+/// hyper's client ([`Forwarding::apply`]), or written straight into the
+/// request head by the gateway's own HTTP/1.1 client, which then skips the
+/// client's own fields of those names ([`Forwarding::replaces`]): five map
+/// inserts fewer per request.
+#[derive(Debug, Clone)]
+pub struct Forwarding {
+    traceparent: HeaderValue,
+    /// The client's `tracestate` goes with its trace; dropped when the
+    /// `traceparent` was missing or invalid.
+    keep_tracestate: bool,
+    request_id: HeaderValue,
+    /// The client's `x-forwarded-for`, if any (the client's address follows).
+    xff_prev: Option<HeaderValue>,
+    ip: [u8; 48],
+    ip_len: u8,
+    https: bool,
+    host: Option<HeaderValue>,
+}
+
+impl Forwarding {
+    /// From the client's request headers (hop-by-hop fields already gone).
+    pub fn new(headers: &HeaderMap, request_id: &HeaderValue, client: IpAddr, https: bool) -> Self {
+        let (traceparent, keep_tracestate) =
+            crate::correlation::next_traceparent(headers.get(&TRACEPARENT));
+        let mut ip = [0u8; 48];
+        let ip_len = format_ip(client, &mut ip);
+        Self {
+            traceparent,
+            keep_tracestate,
+            request_id: request_id.clone(),
+            xff_prev: headers.get(&X_FORWARDED_FOR).cloned(),
+            ip,
+            ip_len: ip_len as u8,
+            https,
+            host: headers.get(header::HOST).cloned(),
+        }
+    }
+
+    fn ip(&self) -> &[u8] {
+        &self.ip[..usize::from(self.ip_len)]
+    }
+
+    fn proto(&self) -> &'static str {
+        if self.https { "https" } else { "http" }
+    }
+
+    /// Puts the fields into `headers`, replacing the client's.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        headers.insert(TRACEPARENT.clone(), self.traceparent.clone());
+        if !self.keep_tracestate {
+            headers.remove(&TRACESTATE);
+        }
+        headers.insert(X_REQUEST_ID.clone(), self.request_id.clone());
+        let xff = match &self.xff_prev {
+            Some(prev) => {
+                let mut v = Vec::with_capacity(prev.len() + 2 + self.ip().len());
+                v.extend_from_slice(prev.as_bytes());
+                v.extend_from_slice(b", ");
+                v.extend_from_slice(self.ip());
+                new_value(&v)
+            }
+            None => new_value(self.ip()),
+        };
+        if let Some(v) = xff {
+            headers.insert(X_FORWARDED_FOR.clone(), v);
+        }
+        headers.insert(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(self.proto()),
+        );
+        match &self.host {
+            Some(h) => {
+                headers.insert(X_FORWARDED_HOST.clone(), h.clone());
+            }
+            None => {
+                headers.remove(&X_FORWARDED_HOST);
+            }
+        }
+    }
+
+    /// The client's field `name` is replaced by one of these (and so is not
+    /// copied upstream).
+    pub fn replaces(&self, name: &HeaderName) -> bool {
+        *name == TRACEPARENT
+            || *name == X_REQUEST_ID
+            || *name == X_FORWARDED_FOR
+            || *name == X_FORWARDED_PROTO
+            || *name == X_FORWARDED_HOST
+            || (!self.keep_tracestate && *name == TRACESTATE)
+    }
+
+    /// Writes the fields as header lines (`name: value\r\n`).
+    pub fn write_to(&self, w: &mut Vec<u8>) {
+        w.extend_from_slice(b"traceparent: ");
+        w.extend_from_slice(self.traceparent.as_bytes());
+        w.extend_from_slice(b"\r\nx-request-id: ");
+        w.extend_from_slice(self.request_id.as_bytes());
+        w.extend_from_slice(b"\r\nx-forwarded-for: ");
+        if let Some(prev) = &self.xff_prev {
+            w.extend_from_slice(prev.as_bytes());
+            w.extend_from_slice(b", ");
+        }
+        w.extend_from_slice(self.ip());
+        w.extend_from_slice(b"\r\nx-forwarded-proto: ");
+        w.extend_from_slice(self.proto().as_bytes());
+        w.extend_from_slice(b"\r\n");
+        if let Some(h) = &self.host {
+            w.extend_from_slice(b"x-forwarded-host: ");
+            w.extend_from_slice(h.as_bytes());
+            w.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
+/// Writes `ip` into `buf` (IPv4 without `core::fmt`, the common case);
+/// returns the length.
+fn format_ip(ip: IpAddr, buf: &mut [u8; 48]) -> usize {
+    match ip {
         IpAddr::V4(v4) => {
             let mut n = 0;
             for (i, octet) in v4.octets().into_iter().enumerate() {
@@ -143,31 +260,8 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<Heade
         }
         IpAddr::V6(_) => {
             let mut cur = std::io::Cursor::new(&mut buf[..]);
-            let _ = write!(cur, "{client}");
+            let _ = write!(cur, "{ip}");
             cur.position() as usize
-        }
-    };
-    let ip = &buf[..n];
-    let value = match headers.get(&X_FORWARDED_FOR) {
-        Some(prev) => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
-            v.extend_from_slice(prev.as_bytes());
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(ip);
-            new_value(&v)
-        }
-        None => new_value(ip),
-    };
-    if let Some(v) = value {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    match host {
-        Some(h) => {
-            headers.insert(X_FORWARDED_HOST.clone(), h);
-        }
-        None => {
-            headers.remove(&X_FORWARDED_HOST);
         }
     }
 }
@@ -246,23 +340,77 @@ mod tests {
         assert_eq!(new_value(b"after").unwrap(), "after");
     }
 
+    fn set_forwarded(h: &mut HeaderMap, ip: &str, host: Option<&'static str>) {
+        match host {
+            Some(v) => h.insert(header::HOST, HeaderValue::from_static(v)),
+            None => h.remove(header::HOST),
+        };
+        let id = HeaderValue::from_static("rid");
+        Forwarding::new(h, &id, ip.parse().unwrap(), false).apply(h);
+    }
+
     #[test]
     fn forwarded_appends() {
         let mut h = HeaderMap::new();
-        set_forwarded(
-            &mut h,
-            "10.0.0.1".parse().unwrap(),
-            Some(HeaderValue::from_static("a.example")),
-        );
+        set_forwarded(&mut h, "10.0.0.1", Some("a.example"));
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1");
-        set_forwarded(&mut h, "::1".parse().unwrap(), None);
+        assert_eq!(h[&X_FORWARDED_HOST], "a.example");
+        set_forwarded(&mut h, "::1", None);
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, ::1");
         for ip in ["0.0.0.0", "255.255.255.255", "192.168.10.9", "100.20.3.0"] {
             let mut h = HeaderMap::new();
-            set_forwarded(&mut h, ip.parse().unwrap(), None);
+            set_forwarded(&mut h, ip, None);
             assert_eq!(h[&X_FORWARDED_FOR], ip);
         }
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
+        assert_eq!(h[&X_REQUEST_ID], "rid");
         assert!(!h.contains_key(&X_FORWARDED_HOST));
+    }
+
+    /// The map and the wire carry the same fields: applying to a map and
+    /// writing the remaining client fields plus `write_to` give the same set.
+    #[test]
+    fn written_fields_equal_applied_fields() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("shop.example"));
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("client-chosen"));
+        h.insert(&TRACESTATE, HeaderValue::from_static("a=b"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        let id = HeaderValue::from_static("rid-1");
+        let f = Forwarding::new(&h, &id, "10.1.2.3".parse().unwrap(), true);
+        let mut applied = h.clone();
+        f.apply(&mut applied);
+        let mut wire = Vec::new();
+        for (n, v) in &h {
+            if !f.replaces(n) {
+                wire.extend_from_slice(n.as_str().as_bytes());
+                wire.extend_from_slice(b": ");
+                wire.extend_from_slice(v.as_bytes());
+                wire.extend_from_slice(b"\r\n");
+            }
+        }
+        f.write_to(&mut wire);
+        let mut from_wire: Vec<(String, String)> = String::from_utf8(wire)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let (n, v) = l.split_once(": ").unwrap();
+                (n.to_owned(), v.to_owned())
+            })
+            .collect();
+        let mut from_map: Vec<(String, String)> = applied
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap().to_owned()))
+            .collect();
+        from_wire.sort();
+        from_map.sort();
+        assert_eq!(from_wire, from_map);
+        assert!(from_map.contains(&("x-forwarded-for".into(), "1.2.3.4, 10.1.2.3".into())));
+        assert!(from_map.contains(&("x-forwarded-proto".into(), "https".into())));
+        assert!(
+            !from_map.iter().any(|(n, _)| n == "tracestate"),
+            "no valid traceparent: tracestate dropped"
+        );
     }
 }

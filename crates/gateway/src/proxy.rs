@@ -38,10 +38,7 @@ use crate::breaker::OwnedPermit;
 use crate::config::{Protocol, RouteConfig};
 use crate::correlation;
 use crate::h1::{H1Body, H1Conn, Outgoing, SendError};
-use crate::headers::{
-    IDEMPOTENCY_KEY, TRACEPARENT, TRACESTATE, X_FORWARDED_PROTO, X_REQUEST_ID, set_forwarded,
-    strip_hop_by_hop,
-};
+use crate::headers::{Forwarding, IDEMPOTENCY_KEY, X_REQUEST_ID, strip_hop_by_hop};
 use crate::metrics::{AttemptOutcome, Metrics, RouteSeries};
 use crate::pool::{self, PoolConfig};
 use crate::problem::{self, Problem};
@@ -311,23 +308,20 @@ fn check_target(parts: &http::request::Parts) -> Option<&'static str> {
     None
 }
 
-/// Phase 4: the request as the upstream will see it (headers and URI).
+/// Phase 4: the request as the upstream will see it: hop-by-hop fields
+/// removed and the target rewritten here; the fields the gateway adds
+/// (`x-forwarded-*`, `x-request-id`, `traceparent`) are returned, to be
+/// applied to the map or written with the head.
 fn upstream_request_filter(
     headers: &mut HeaderMap,
     uri: &mut Uri,
     cfg: &RouteConfig,
     request_id: &HeaderValue,
     client: SocketAddr,
-) {
-    let host = headers.get(header::HOST).cloned();
+    https: bool,
+) -> Forwarding {
     strip_hop_by_hop(headers);
-    let (tp, continued) = correlation::next_traceparent(headers.get(&TRACEPARENT));
-    headers.insert(TRACEPARENT.clone(), tp);
-    if !continued {
-        headers.remove(&TRACESTATE);
-    }
-    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
-    set_forwarded(headers, client.ip(), host);
+    let fwd = Forwarding::new(headers, request_id, client.ip(), https);
     if let Some(rw) = &cfg.rewrite {
         *uri = rewrite(uri, &cfg.prefix, rw);
     } else if uri.scheme().is_some() || uri.authority().is_some() {
@@ -336,6 +330,7 @@ fn upstream_request_filter(
             .path_and_query()
             .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
     }
+    fwd
 }
 
 /// The request of one attempt: the body and headers are moved on the last
@@ -623,17 +618,19 @@ impl Gateway {
 
         // Phase 4.
         let te_trailers = cfg.protocol == Protocol::H2c && wants_trailers(&parts.headers);
-        upstream_request_filter(
+        let fwd = upstream_request_filter(
             &mut parts.headers,
             &mut parts.uri,
             cfg,
             &fin.request_id,
             client,
+            fin.tls,
         );
-        if fin.tls {
-            parts
-                .headers
-                .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
+        // The gateway's HTTP/1.1 client writes the added fields with the
+        // head; hyper's client (h2c, streamed bodies) takes them in the map.
+        let on_wire = cfg.protocol != Protocol::H2c && !matches!(body, ReqBody::Stream(_));
+        if !on_wire {
+            fwd.apply(&mut parts.headers);
         }
         if te_trailers {
             // gRPC: `te: trailers` is hop-by-hop but the upstream needs it.
@@ -730,8 +727,16 @@ impl Gateway {
                 let req = attempt_request(&mut parts, &mut body, false);
                 Box::pin(self.send_streamed(req, &u, cfg, attempt_deadline)).await
             } else {
-                self.send_h1(&parts, body.as_ref(), &u, cfg, start, attempt_deadline)
-                    .await
+                self.send_h1(
+                    &parts,
+                    &fwd,
+                    body.as_ref(),
+                    &u,
+                    cfg,
+                    start,
+                    attempt_deadline,
+                )
+                .await
             };
             match result {
                 Ok(res) => {
@@ -885,9 +890,11 @@ impl Gateway {
     /// One attempt over a pooled (or new) HTTP/1.1 connection to `u`, with
     /// the gateway's own client: the request is written from borrowed parts,
     /// so a retry needs no copy of them.
+    #[allow(clippy::too_many_arguments)]
     async fn send_h1(
         &'static self,
         parts: &http::request::Parts,
+        fwd: &Forwarding,
         body: Option<&ReqBody>,
         u: &Upstream,
         cfg: &RouteConfig,
@@ -899,6 +906,7 @@ impl Gateway {
             target: parts.uri.path_and_query().map_or("/", |pq| pq.as_str()),
             host: &u.host,
             headers: &parts.headers,
+            forwarding: Some(fwd),
             body: match body {
                 Some(ReqBody::Full(b)) => b.as_ref(),
                 _ => None,
@@ -1051,12 +1059,9 @@ impl Gateway {
             cfg,
             &fin.request_id,
             client,
-        );
-        if fin.tls {
-            parts
-                .headers
-                .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
-        }
+            fin.tls,
+        )
+        .apply(&mut parts.headers);
         let Some(protocol) = protocol else {
             return self.problem(
                 fin,

@@ -260,6 +260,7 @@ impl Pusher {
             target: self.path.as_str(),
             host: &u.host,
             headers: &headers,
+            forwarding: None,
             body: Some(&body),
             declares_body: true,
         };
