@@ -544,9 +544,9 @@ fn chunk_size(line: &[u8]) -> Option<u64> {
 /// Trailer fields (the bytes up to and including the empty line).
 fn trailers(block: &[u8]) -> Option<HeaderMap> {
     let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let (_, fields) = match httparse::parse_headers(block, &mut hs) {
-        Ok(httparse::Status::Complete(r)) => r,
-        _ => return None,
+    let Ok(httparse::Status::Complete((_, fields))) = httparse::parse_headers(block, &mut hs)
+    else {
+        return None;
     };
     let mut map = HeaderMap::with_capacity(fields.len());
     for f in fields {

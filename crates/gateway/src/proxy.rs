@@ -936,13 +936,11 @@ impl Gateway {
             // was sent, use a fresh one.
             Ok(Err(SendError::NotSent)) if conn.is_reused() => {
                 let fresh = Box::pin(async {
-                    let mut c =
-                        match timeout_at(deadline, H1Conn::connect(u.addr, cfg.connect_timeout))
-                            .await
-                        {
-                            Ok(Ok(c)) => c,
-                            _ => return Err(Failure::Connect),
-                        };
+                    let Ok(Ok(mut c)) =
+                        timeout_at(deadline, H1Conn::connect(u.addr, cfg.connect_timeout)).await
+                    else {
+                        return Err(Failure::Connect);
+                    };
                     match timeout_at(deadline, c.request(&out)).await {
                         Err(_) => Err(Failure::Timeout),
                         Ok(Ok(head)) => Ok((c, head)),
@@ -972,14 +970,13 @@ impl Gateway {
         deadline: tokio::time::Instant,
     ) -> Result<Response<UpBody>, Failure> {
         req.headers_mut().insert(header::HOST, u.host.clone());
-        let mut conn = match timeout_at(
+        let Ok(Ok(mut conn)) = timeout_at(
             deadline,
             pool::connect_hyper(u.addr, cfg.connect_timeout, false),
         )
         .await
-        {
-            Ok(Ok(c)) => c,
-            _ => return Err(Failure::Connect),
+        else {
+            return Err(Failure::Connect);
         };
         match timeout_at(deadline, conn.send_request(req)).await {
             Err(_) => Err(Failure::Timeout),

@@ -365,7 +365,7 @@ impl Bridge {
                 .unwrap_or_else(|_| http::uri::PathAndQuery::from_static("/")),
             ack_timeout: spec.ack_timeout,
             connect_timeout: self.inner.connect_timeout,
-            pool: self.inner.pool.clone(),
+            pool: self.inner.pool,
             stats: Arc::clone(&stats),
         });
         let handler = move |event: Event| {
