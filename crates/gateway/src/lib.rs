@@ -22,6 +22,8 @@
 //! - [`upstream`]: discovery snapshots (arc-swap) and the P2C / round-robin balancer.
 //! - [`breaker`]: per-instance breakers from `switchboard-resilience`.
 //! - [`retry`]: idempotency, jittered backoff, retry budget.
+//! - [`h1`]: the gateway's HTTP/1.1 client, driven inside the request's task
+//!   (hyper's client only for streamed request bodies and upgrades).
 //! - [`pool`]: per-worker pools of upstream HTTP/1.1 connections.
 //! - [`h2c`]: per-worker shared HTTP/2 upstream connections.
 //! - [`tls`]: rustls termination, ALPN `h2` / `http/1.1`.
@@ -102,7 +104,9 @@
 //! # Protocols
 //!
 //! Clients: HTTP/1.1, or with `[gateway.tls]` HTTP/1.1 and HTTP/2 over TLS.
-//! Upstreams: HTTP/1.1 (pooled) or h2c (multiplexed). gRPC works through
+//! Upstreams: HTTP/1.1 (pooled; requests with a buffered body go through the
+//! gateway's own client in [`h1`], streamed bodies and upgrades through
+//! hyper's) or h2c (multiplexed). gRPC works through
 //! an h2c route: `te: trailers` is forwarded and response trailers
 //! (`grpc-status`) reach the client. WebSocket (an HTTP/1.1 `Upgrade`) is
 //! spliced to one instance after its `101`; spliced connections count in
