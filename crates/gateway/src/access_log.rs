@@ -158,13 +158,27 @@ impl std::fmt::Debug for JsonLines {
     }
 }
 
+/// Bytes a JSON string cannot hold as they are: controls, `"` and `\\`.
+static ESCAPED: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 0x20 {
+        t[i] = true;
+        i += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t
+};
+
 /// Writes `s` as the inside of a JSON string.
 struct Escape<'a>(&'a mut Vec<u8>);
 
 impl std::fmt::Write for Escape<'_> {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
         let bytes = s.as_bytes();
-        if !bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\') {
+        // One table load per byte (the three comparisons cost ~3x more).
+        if !bytes.iter().any(|&b| ESCAPED[usize::from(b)]) {
             self.0.extend_from_slice(bytes);
             return Ok(());
         }
@@ -413,6 +427,14 @@ fn run(
     }
 }
 
+/// Instance addresses and their text; keyed with FxHash (addresses are not
+/// attacker-chosen, and SipHash cost more than the lookup saves).
+type AddrNames = std::collections::HashMap<
+    SocketAddr,
+    Box<str>,
+    std::hash::BuildHasherDefault<crate::pool::AddrHasher>,
+>;
+
 fn emit(rec: &AccessRecord) {
     let (route, service) = rec
         .route
@@ -420,8 +442,7 @@ fn emit(rec: &AccessRecord) {
     // The instance's address, formatted once per address (core::fmt costs
     // more than the rest of the line).
     thread_local! {
-        static ADDRS: std::cell::RefCell<std::collections::HashMap<SocketAddr, Box<str>>> =
-            std::cell::RefCell::default();
+        static ADDRS: std::cell::RefCell<AddrNames> = std::cell::RefCell::default();
     }
     ADDRS.with(|addrs| {
         let mut addrs = addrs.borrow_mut();

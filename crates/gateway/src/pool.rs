@@ -27,9 +27,9 @@ struct Idle {
     since: Instant,
 }
 
-/// FxHash-style hasher: addresses are not attacker-chosen.
+/// FxHash-style hasher for socket addresses (not attacker-chosen).
 #[derive(Default)]
-struct AddrHasher(u64);
+pub(crate) struct AddrHasher(u64);
 
 impl Hasher for AddrHasher {
     fn finish(&self) -> u64 {
