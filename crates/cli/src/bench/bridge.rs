@@ -9,7 +9,12 @@
 //! was pushed, answered and acked on the bus.
 //!
 //! `--json` prints one JSON object as the last line with `events_per_s` (end
-//! to end), `publish_events_per_s` (until the last 202) and `pushed`.
+//! to end), `publish_events_per_s` (until the last 202), `pushed`,
+//! `cpu_us_per_event` (this process's user + system CPU over the measured
+//! span, per event: the figure to compare on a busy machine, since the
+//! machine's other load is not in it) and `subscriber_connections` (TCP
+//! connections the pushes opened to the subscriber; with pooled keep-alive
+//! connections, at most about `--in-flight`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -64,12 +69,13 @@ pub fn run(args: &BridgeArgs) -> anyhow::Result<()> {
     runtime.block_on(bench(args))
 }
 
-/// A subscriber that answers 204 to everything and counts.
-async fn subscriber(count: Arc<AtomicU64>) -> anyhow::Result<SocketAddr> {
+/// A subscriber that answers 204 to everything and counts requests and connections.
+async fn subscriber(count: Arc<AtomicU64>, conns: Arc<AtomicU64>) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            conns.fetch_add(1, Ordering::Relaxed);
             let _ = stream.set_nodelay(true);
             let count = Arc::clone(&count);
             tokio::spawn(async move {
@@ -137,7 +143,8 @@ async fn bench(args: &BridgeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("open the bus {}", args.bus))?;
     let pushed = Arc::new(AtomicU64::new(0));
-    let sub_addr = subscriber(Arc::clone(&pushed)).await?;
+    let sub_conns = Arc::new(AtomicU64::new(0));
+    let sub_addr = subscriber(Arc::clone(&pushed), Arc::clone(&sub_conns)).await?;
 
     let mut opts = BridgeOptions::new(bus, sources_resolver(Default::default()));
     opts.max_body_bytes = 64 << 20;
@@ -164,6 +171,7 @@ async fn bench(args: &BridgeArgs) -> anyhow::Result<()> {
     let batch = args.batch.max(1);
     let requests = args.events.div_ceil(batch);
     let next = Arc::new(AtomicU64::new(0));
+    let cpu_before = super::process_cpu_s();
     let started = Instant::now();
     let mut publishers = Vec::new();
     for _ in 0..args.connections.max(1) {
@@ -220,13 +228,17 @@ async fn bench(args: &BridgeArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
     let took = started.elapsed();
+    let cpu_s = super::process_cpu_s().zip(cpu_before).map(|(a, b)| a - b);
+    let cpu_us_per_event = cpu_s.map(|c| (c * 1e6 / args.events as f64 * 100.0).round() / 100.0);
+    let sub_conns = sub_conns.load(Ordering::Relaxed);
     let events_per_s = args.events as f64 / took.as_secs_f64();
     let publish_per_s = args.events as f64 / published_in.as_secs_f64();
     let pushed = pushed.load(Ordering::Relaxed);
     println!(
         "bridge on {}: {} events ({} per request, {} connections, {} B payload): \
          published in {:.2}s ({:.0} events/s), pushed and acked in {:.2}s: {:.0} events/s end to end \
-         ({pushed} pushes, {acked} acks)",
+         ({pushed} pushes, {acked} acks, {sub_conns} subscriber connections; \
+         this process's CPU {}us per event)",
         args.bus,
         args.events,
         batch,
@@ -236,6 +248,7 @@ async fn bench(args: &BridgeArgs) -> anyhow::Result<()> {
         publish_per_s,
         took.as_secs_f64(),
         events_per_s,
+        cpu_us_per_event.map_or_else(|| "?".to_owned(), |c| format!("{c:.2}")),
     );
     bridge.delete("bench").await;
     let _ = bridge.bus().delete_group(&topic, "bench").await;
@@ -251,6 +264,9 @@ async fn bench(args: &BridgeArgs) -> anyhow::Result<()> {
                 "publish_events_per_s": publish_per_s.round(),
                 "pushed": pushed,
                 "acked": acked,
+                "cpu_s": cpu_s,
+                "cpu_us_per_event": cpu_us_per_event,
+                "subscriber_connections": sub_conns,
             })
         );
     }

@@ -119,7 +119,7 @@ async fn bench(args: BusArgs) -> anyhow::Result<()> {
         .context("subscribing")?;
 
     // Phase 1: throughput, publish -> handled -> acked.
-    let cpu_before = process_cpu_s();
+    let cpu_before = super::process_cpu_s();
     let started = Instant::now();
     let next = Arc::new(AtomicU64::new(0));
     let mut publishers = Vec::new();
@@ -155,14 +155,14 @@ async fn bench(args: BusArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_micros(500)).await;
     }
     let elapsed = started.elapsed();
-    let cpu_s = process_cpu_s().zip(cpu_before).map(|(a, b)| a - b);
+    let cpu_s = super::process_cpu_s().zip(cpu_before).map(|(a, b)| a - b);
     let events_per_s = args.events as f64 / elapsed.as_secs_f64();
     let publish_per_s = args.events as f64 / published_at.as_secs_f64();
 
     // Phase 2: latency of single publishes at a fixed offered rate.
     let mut latencies = Vec::new();
     let mut lags = Vec::new();
-    let latency_cpu_before = process_cpu_s();
+    let latency_cpu_before = super::process_cpu_s();
     if args.latency_events > 0 && args.rate > 0 {
         let (tx, mut rx) =
             tokio::sync::mpsc::unbounded_channel::<anyhow::Result<(Duration, Duration)>>();
@@ -204,7 +204,9 @@ async fn bench(args: BusArgs) -> anyhow::Result<()> {
     };
     let (p50, p99) = (pct(&latencies, 0.50), pct(&latencies, 0.99));
     let lag_p99 = pct(&lags, 0.99);
-    let latency_cpu_s = process_cpu_s().zip(latency_cpu_before).map(|(a, b)| a - b);
+    let latency_cpu_s = super::process_cpu_s()
+        .zip(latency_cpu_before)
+        .map(|(a, b)| a - b);
     let total = args.events + args.latency_events;
     let wait = Instant::now() + Duration::from_secs(60);
     while bus.metrics().snapshot().acked < total && Instant::now() < wait {
@@ -264,16 +266,4 @@ async fn bench(args: BusArgs) -> anyhow::Result<()> {
         println!("{out}");
     }
     Ok(())
-}
-
-/// User + system CPU seconds of this process so far (Linux `/proc/self/stat`).
-fn process_cpu_s() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name, which is parenthesized and may contain spaces.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split(' ').collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    // USER_HZ is 100 on every Linux this runs on.
-    Some((utime + stime) / 100.0)
 }

@@ -36,3 +36,15 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Chaos(args) => chaos::run(args),
     }
 }
+
+/// User + system CPU seconds of this process so far (Linux `/proc/self/stat`).
+pub(crate) fn process_cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is parenthesized and may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // USER_HZ is 100 on every Linux this runs on.
+    Some((utime + stime) / 100.0)
+}
