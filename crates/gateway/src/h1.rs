@@ -29,6 +29,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -410,7 +411,8 @@ fn last_token_is(v: &[u8], t: &[u8]) -> bool {
 }
 
 /// A response body read from an [`H1Conn`] by whoever polls it. At its clean
-/// end the connection goes back to this worker's pool; dropped earlier, the
+/// end the connection goes back to this worker's pool (or to its owner's, see
+/// [`H1Body::with_owner`]); dropped earlier, the
 /// connection is closed.
 #[derive(Debug)]
 pub struct H1Body {
@@ -421,6 +423,8 @@ pub struct H1Body {
     keep_alive: bool,
     pool: PoolConfig,
     since: Instant,
+    /// The pool the connection goes back to, when not this worker's.
+    owner: Option<Arc<pool::OwnedPool>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -459,6 +463,18 @@ impl H1Body {
     /// The body of the response `head` just read from `conn`. `since` (a
     /// recent instant) stamps the connection when it goes back to the pool.
     pub fn new(conn: H1Conn, head: &Head, pool: PoolConfig, since: Instant) -> Self {
+        Self::with_owner(conn, head, pool, since, None)
+    }
+
+    /// [`new`](Self::new), with the connection going back to `owner` (when
+    /// given) instead of this worker's pool.
+    pub fn with_owner(
+        conn: H1Conn,
+        head: &Head,
+        pool: PoolConfig,
+        since: Instant,
+        owner: Option<Arc<pool::OwnedPool>>,
+    ) -> Self {
         let state = match head.framing {
             Framing::Empty => State::Done,
             Framing::Length(n) => State::Length(n),
@@ -472,6 +488,7 @@ impl H1Body {
             keep_alive: head.keep_alive,
             pool,
             since,
+            owner,
         };
         if state == State::Done {
             body.release();
@@ -485,7 +502,10 @@ impl H1Body {
             && self.keep_alive
             && c.rd.is_empty()
         {
-            pool::put_idle(c.addr, c, &self.pool, self.since);
+            match &self.owner {
+                Some(owner) => owner.put(c.addr, c, &self.pool, self.since),
+                None => pool::put_idle(c.addr, c, &self.pool, self.since),
+            }
         }
     }
 

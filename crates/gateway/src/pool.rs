@@ -7,7 +7,7 @@
 //! every pooled connection is idle.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -118,6 +118,58 @@ pub fn sweep(cfg: &PoolConfig) {
             !list.is_empty()
         });
     });
+}
+
+/// Idle connections owned by their user rather than by the worker thread.
+///
+/// For a user that runs on one task: the bridge's push deliveries of one
+/// subscription all run on its consumer's task, which tokio moves between
+/// worker threads as it is woken. With the per-thread lists above, deliveries
+/// check connections out on one worker and back in on the other, so one
+/// list drains (and connections are opened) while the other overflows past
+/// `max_idle` (and connections are closed): `switchboard bench bridge` opened
+/// a connection for about every second push on 2 workers, none on 1. The
+/// lock is only ever taken by that one task, so it is uncontended.
+#[derive(Default)]
+pub struct OwnedPool {
+    idle: parking_lot::Mutex<HashMap<SocketAddr, VecDeque<Idle>, BuildHasherDefault<AddrHasher>>>,
+}
+
+impl std::fmt::Debug for OwnedPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnedPool").finish_non_exhaustive()
+    }
+}
+
+impl OwnedPool {
+    /// Takes the most recently used usable idle connection to `addr`.
+    pub fn take(&self, addr: SocketAddr, cfg: &PoolConfig, now: Instant) -> Option<Conn> {
+        let mut idle = self.idle.lock();
+        let list = idle.get_mut(&addr)?;
+        while let Some(i) = list.pop_back() {
+            if !i.conn.is_usable() || now.saturating_duration_since(i.since) > cfg.idle_timeout {
+                continue;
+            }
+            return Some(i.conn);
+        }
+        None
+    }
+
+    /// Returns a connection whose last response was read to the end, and
+    /// drops the oldest idle ones that expired meanwhile.
+    pub fn put(&self, addr: SocketAddr, conn: Conn, cfg: &PoolConfig, now: Instant) {
+        let mut idle = self.idle.lock();
+        let list = idle.entry(addr).or_default();
+        while list
+            .front()
+            .is_some_and(|i| now.saturating_duration_since(i.since) > cfg.idle_timeout)
+        {
+            list.pop_front();
+        }
+        if list.len() < cfg.max_idle {
+            list.push_back(Idle { conn, since: now });
+        }
+    }
 }
 
 /// Opens a connection driven by hyper's client in a task of its own, for

@@ -1625,3 +1625,83 @@ async fn breaker_ejects_a_failing_instance() {
     }
     h.stop().await;
 }
+
+// ---------------------------------------------------------------------------
+// Connection reuse
+
+/// Pushes reuse their keep-alive connections whichever worker thread the
+/// subscription's task runs on: at most one connection per delivery in
+/// flight (with room for a rare keep-alive race), not one every few pushes
+/// as when idle connections were kept per worker thread (`switchboard bench
+/// bridge` opened a connection for about every second push on 2 workers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_reuse_connections_across_workers() {
+    const EVENTS: usize = 3000;
+    const IN_FLIGHT: usize = 16;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (conns, requests) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (c, r) = (Arc::clone(&conns), Arc::clone(&requests));
+    let server = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            c.fetch_add(1, SeqCst);
+            let r = Arc::clone(&r);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let r = Arc::clone(&r);
+                    async move {
+                        let _ = req.into_body().collect().await;
+                        r.fetch_add(1, SeqCst);
+                        let mut res = Response::new(Full::new(Bytes::new()));
+                        *res.status_mut() = StatusCode::NO_CONTENT;
+                        Ok::<_, std::convert::Infallible>(res)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let bus = Bus::open(&format!("memory://{}", unique("reuse")))
+        .await
+        .unwrap();
+    let topic = unique("reuse.t").replace('-', "_");
+    let mut o = BridgeOptions::new(bus.clone(), sources_resolver(Default::default()));
+    let spec: SubscriptionSpec = serde_json::from_value(json!({
+        "name": "reuse",
+        "topic": topic,
+        "url": format!("http://{addr}/events"),
+        "max_in_flight": IN_FLIGHT,
+    }))
+    .unwrap();
+    o.subscriptions = vec![spec.resolve(None).unwrap()];
+    let bridge = Bridge::start(o).await.unwrap();
+    for chunk in 0..EVENTS / 100 {
+        let events = (0..100)
+            .map(|i| {
+                Event::builder()
+                    .source("/test")
+                    .ty(topic.as_str())
+                    .id(format!("{chunk}-{i}"))
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        bus.publish_batch(events).await.unwrap();
+    }
+    tokio::time::timeout(PATIENCE, async {
+        while requests.load(SeqCst) < EVENTS {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("every event pushed within patience");
+    let opened = conns.load(SeqCst);
+    assert!(
+        opened <= 2 * IN_FLIGHT,
+        "{opened} connections for {EVENTS} pushes with {IN_FLIGHT} in flight"
+    );
+    bridge.shutdown().await;
+    server.abort();
+}

@@ -365,7 +365,12 @@ impl Bridge {
                 .unwrap_or_else(|_| http::uri::PathAndQuery::from_static("/")),
             ack_timeout: spec.ack_timeout,
             connect_timeout: self.inner.connect_timeout,
-            pool: self.inner.pool,
+            // Every delivery in flight can go back to the pool.
+            pool: PoolConfig {
+                max_idle: self.inner.pool.max_idle.max(spec.max_in_flight),
+                ..self.inner.pool
+            },
+            idle: Arc::default(),
             stats: Arc::clone(&stats),
         });
         let handler = move |event: Event| {

@@ -1,7 +1,8 @@
 //! Push delivery: the bus handler of a push subscription. Each event goes out
 //! as one HTTP POST in binary mode to an instance the route balancer picks
 //! (P2C over passing instances, each behind its own circuit breaker, the same
-//! [`RouteUpstreams`] the proxy uses), over the proxy's pooled connections.
+//! [`RouteUpstreams`] the proxy uses), over keep-alive connections pooled
+//! per subscription ([`crate::pool::OwnedPool`]).
 //!
 //! | answer | settlement |
 //! |---|---|
@@ -62,6 +63,8 @@ pub struct Pusher {
     pub connect_timeout: Duration,
     /// Pool settings (the proxy's).
     pub pool: PoolConfig,
+    /// Idle connections to the target's instances.
+    pub idle: Arc<pool::OwnedPool>,
     /// Counters.
     pub stats: Arc<SubStats>,
 }
@@ -251,7 +254,7 @@ impl Pusher {
                 ))),
             }
         };
-        let mut conn = match pool::take_idle(u.addr, &self.pool, now) {
+        let mut conn = match self.idle.take(u.addr, &self.pool, now) {
             Some(c) => c,
             None => connect().await?,
         };
@@ -281,7 +284,7 @@ impl Pusher {
             }
             Ok(Err(e)) => return Err(broke(e)),
         };
-        let body = H1Body::new(conn, &head, self.pool, now);
+        let body = H1Body::with_owner(conn, &head, self.pool, now, Some(Arc::clone(&self.idle)));
         let res = Response::from_parts(head.parts, body);
         let status = res.status();
         let retry_after = res
