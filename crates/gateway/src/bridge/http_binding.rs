@@ -21,6 +21,14 @@ pub const STRUCTURED: &str = "application/cloudevents+json";
 /// The batch-mode media type.
 pub const BATCH: &str = "application/cloudevents-batch+json";
 
+const CE_SPECVERSION: HeaderName = HeaderName::from_static("ce-specversion");
+const CE_ID: HeaderName = HeaderName::from_static("ce-id");
+const CE_SOURCE: HeaderName = HeaderName::from_static("ce-source");
+const CE_TYPE: HeaderName = HeaderName::from_static("ce-type");
+const CE_TIME: HeaderName = HeaderName::from_static("ce-time");
+const CE_SUBJECT: HeaderName = HeaderName::from_static("ce-subject");
+const CE_DATASCHEMA: HeaderName = HeaderName::from_static("ce-dataschema");
+
 /// Characters a binary-mode header value must percent-encode (besides
 /// non-ASCII, which is always encoded).
 const HEADER_ENCODE: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'%');
@@ -291,6 +299,14 @@ pub fn parse_binary(headers: &HeaderMap, body: &Bytes) -> Result<Event, BindingE
 
 /// A header value in binary mode: percent-encoded where the binding requires.
 pub fn encode_header_value(text: &str) -> HeaderValue {
+    // Most values need no encoding: copy them once instead of twice.
+    if text
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'%')
+        && let Ok(v) = HeaderValue::from_str(text)
+    {
+        return v;
+    }
     let encoded = utf8_percent_encode(text, HEADER_ENCODE).to_string();
     // Percent-encoding leaves only visible ASCII, always a valid header value.
     HeaderValue::from_str(&encoded).unwrap_or_else(|_| HeaderValue::from_static(""))
@@ -309,26 +325,25 @@ fn extension_text(v: &serde_json::Value) -> String {
 /// non-JSON content type (`text/plain` data from structured mode) is sent as
 /// the string itself; binary data is sent as its bytes.
 pub fn render_binary(event: &Event, headers: &mut HeaderMap) -> Bytes {
-    let mut put = |name: &str, value: &str| {
-        if let Ok(n) = HeaderName::from_bytes(format!("ce-{name}").as_bytes()) {
-            headers.insert(n, encode_header_value(value));
-        }
-    };
-    put("specversion", SPEC_VERSION);
-    put("id", event.id());
-    put("source", event.source());
-    put("type", event.ty());
+    // The standard attributes' header names are constants; only extensions
+    // need theirs built.
+    headers.insert(CE_SPECVERSION, HeaderValue::from_static(SPEC_VERSION));
+    headers.insert(CE_ID, encode_header_value(event.id()));
+    headers.insert(CE_SOURCE, encode_header_value(event.source()));
+    headers.insert(CE_TYPE, encode_header_value(event.ty()));
     if let Some(t) = event.time() {
-        put("time", t);
+        headers.insert(CE_TIME, encode_header_value(t));
     }
     if let Some(s) = event.subject() {
-        put("subject", s);
+        headers.insert(CE_SUBJECT, encode_header_value(s));
     }
     if let Some(s) = event.dataschema() {
-        put("dataschema", s);
+        headers.insert(CE_DATASCHEMA, encode_header_value(s));
     }
     for (name, value) in event.extensions() {
-        put(name, &extension_text(value));
+        if let Ok(n) = HeaderName::from_bytes(format!("ce-{name}").as_bytes()) {
+            headers.insert(n, encode_header_value(&extension_text(value)));
+        }
     }
     let content_type = event
         .datacontenttype()

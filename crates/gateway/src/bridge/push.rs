@@ -119,7 +119,8 @@ impl Pusher {
     }
 
     fn headers(&self, event: &Event, attempt: Option<u32>) -> (HeaderMap, Bytes) {
-        let mut headers = HeaderMap::new();
+        // Room for the ce-* attributes, content type, correlation and attempt.
+        let mut headers = HeaderMap::with_capacity(16);
         let body = render_binary(event, &mut headers);
         // Correlation out as plain headers too, for receivers that know
         // nothing of CloudEvents: the bus continued the trace (new span id)
@@ -147,11 +148,16 @@ impl Pusher {
 
     async fn attempt(&self, event: &Event, attempt: Option<u32>) -> Result<(), Fail> {
         let (headers, body) = self.headers(event, attempt);
+        // The first attempt takes the headers; only a failover renders them again.
+        let mut headers = Some(headers);
         let deadline = Instant::now() + self.ack_timeout;
-        let mut tried: Vec<SocketAddr> = Vec::new();
+        // Instances tried so far, without an allocation per delivery.
+        let mut tried_buf = [SocketAddr::from(([0, 0, 0, 0], 0)); MAX_FAILOVERS];
+        let mut n_tried = 0;
         let mut last: Option<Fail> = None;
-        while tried.len() < MAX_FAILOVERS {
-            let u = match self.upstreams.pick(&tried) {
+        while n_tried < MAX_FAILOVERS {
+            let tried = &tried_buf[..n_tried];
+            let u = match self.upstreams.pick(tried) {
                 Pick::Instance(u) if !tried.contains(&u.addr) => u,
                 // Every instance was tried once (the balancer starts over).
                 Pick::Instance(_) => break,
@@ -181,17 +187,22 @@ impl Pusher {
                     }));
                 }
             };
-            tried.push(u.addr);
+            tried_buf[n_tried] = u.addr;
+            n_tried += 1;
             let Ok(permit) = u.breaker.try_acquire() else {
                 continue;
             };
+            let h = headers
+                .take()
+                .unwrap_or_else(|| self.headers(event, attempt).0);
             u.outstanding.inc();
-            let result = self.send(&u, headers.clone(), body.clone(), deadline).await;
+            let result = self.send(&u, h, body.clone(), deadline).await;
             u.outstanding.dec();
-            let at = format!("{} instance `{}` ({})", self.target, u.id, u.addr);
+            let at = || format!("{} instance `{}` ({})", self.target, u.id, u.addr);
             match result {
                 Err(SendError::Connect(e)) => {
                     permit.record(false);
+                    let at = at();
                     tracing::debug!(target = %at, error = %e, "push: connect failed; trying another instance");
                     last = Some(Fail::Retry(format!("{at}: {e}"), None));
                     if Instant::now() >= deadline {
@@ -202,14 +213,18 @@ impl Pusher {
                     permit.record(false);
                     self.stats.pushed.fetch_add(1, Relaxed);
                     return Err(Fail::Retry(
-                        format!("{at}: no answer within ack_timeout {:?}", self.ack_timeout),
+                        format!(
+                            "{}: no answer within ack_timeout {:?}",
+                            at(),
+                            self.ack_timeout
+                        ),
                         None,
                     ));
                 }
                 Err(SendError::Reset(e)) => {
                     permit.record(false);
                     self.stats.pushed.fetch_add(1, Relaxed);
-                    return Err(Fail::Retry(format!("{at}: {e}"), None));
+                    return Err(Fail::Retry(format!("{}: {e}", at()), None));
                 }
                 Ok(a) => {
                     permit.record(!a.status.is_server_error());
@@ -217,7 +232,7 @@ impl Pusher {
                     if a.status.is_success() {
                         return Ok(());
                     }
-                    let msg = format!("HTTP {} from {at}: {}", a.status.as_u16(), a.excerpt);
+                    let msg = format!("HTTP {} from {}: {}", a.status.as_u16(), at(), a.excerpt);
                     return Err(
                         if a.status == StatusCode::TOO_MANY_REQUESTS || a.status.is_server_error() {
                             Fail::Retry(msg, a.retry_after)
@@ -295,7 +310,14 @@ impl Pusher {
         let body = http_body_util::Limited::new(res.into_body(), MAX_READ);
         // Read to the end, the connection goes back to the pool.
         let excerpt = match timeout_at(deadline, body.collect()).await {
-            Ok(Ok(collected)) => excerpt(&collected.to_bytes()),
+            Ok(Ok(collected)) => {
+                // Only a refusal's body is kept (for its dead letter or retry reason).
+                if status.is_success() {
+                    String::new()
+                } else {
+                    excerpt(&collected.to_bytes())
+                }
+            }
             // Too large or too slow: the connection is not reused.
             Ok(Err(_)) | Err(_) => String::new(),
         };
