@@ -29,7 +29,6 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -412,7 +411,7 @@ fn last_token_is(v: &[u8], t: &[u8]) -> bool {
 
 /// A response body read from an [`H1Conn`] by whoever polls it. At its clean
 /// end the connection goes back to this worker's pool (or to its owner's, see
-/// [`H1Body::with_owner`]); dropped earlier, the
+/// [`H1Body::with_home`]); dropped earlier, the
 /// connection is closed.
 #[derive(Debug)]
 pub struct H1Body {
@@ -421,10 +420,8 @@ pub struct H1Body {
     failed: Option<BodyError>,
     state: State,
     keep_alive: bool,
-    pool: PoolConfig,
+    home: pool::Home,
     since: Instant,
-    /// The pool the connection goes back to, when not this worker's.
-    owner: Option<Arc<pool::OwnedPool>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -463,18 +460,12 @@ impl H1Body {
     /// The body of the response `head` just read from `conn`. `since` (a
     /// recent instant) stamps the connection when it goes back to the pool.
     pub fn new(conn: H1Conn, head: &Head, pool: PoolConfig, since: Instant) -> Self {
-        Self::with_owner(conn, head, pool, since, None)
+        Self::with_home(conn, head, pool::Home::Worker(pool), since)
     }
 
-    /// [`new`](Self::new), with the connection going back to `owner` (when
-    /// given) instead of this worker's pool.
-    pub fn with_owner(
-        conn: H1Conn,
-        head: &Head,
-        pool: PoolConfig,
-        since: Instant,
-        owner: Option<Arc<pool::OwnedPool>>,
-    ) -> Self {
+    /// [`new`](Self::new), with the connection going back to `home` at the
+    /// body's end.
+    pub fn with_home(conn: H1Conn, head: &Head, home: pool::Home, since: Instant) -> Self {
         let state = match head.framing {
             Framing::Empty => State::Done,
             Framing::Length(n) => State::Length(n),
@@ -486,9 +477,8 @@ impl H1Body {
             failed: None,
             state,
             keep_alive: head.keep_alive,
-            pool,
+            home,
             since,
-            owner,
         };
         if state == State::Done {
             body.release();
@@ -502,9 +492,9 @@ impl H1Body {
             && self.keep_alive
             && c.rd.is_empty()
         {
-            match &self.owner {
-                Some(owner) => owner.put(c.addr, c, &self.pool, self.since),
-                None => pool::put_idle(c.addr, c, &self.pool, self.since),
+            match &self.home {
+                pool::Home::Worker(cfg) => pool::put_idle(c.addr, c, cfg, self.since),
+                pool::Home::Owned(owner) => owner.put(c.addr, c, self.since),
             }
         }
     }

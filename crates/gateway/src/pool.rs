@@ -128,26 +128,37 @@ pub fn sweep(cfg: &PoolConfig) {
 /// check connections out on one worker and back in on the other, so one
 /// list drains (and connections are opened) while the other overflows past
 /// `max_idle` (and connections are closed): `switchboard bench bridge` opened
-/// a connection for about every second push on 2 workers, none on 1. The
+/// a connection for about every third push on 2 workers, none on 1. The
 /// lock is only ever taken by that one task, so it is uncontended.
-#[derive(Default)]
 pub struct OwnedPool {
+    cfg: PoolConfig,
     idle: parking_lot::Mutex<HashMap<SocketAddr, VecDeque<Idle>, BuildHasherDefault<AddrHasher>>>,
 }
 
 impl std::fmt::Debug for OwnedPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OwnedPool").finish_non_exhaustive()
+        f.debug_struct("OwnedPool")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
     }
 }
 
 impl OwnedPool {
+    /// An empty pool with these settings.
+    pub fn new(cfg: PoolConfig) -> Self {
+        Self {
+            cfg,
+            idle: parking_lot::Mutex::default(),
+        }
+    }
+
     /// Takes the most recently used usable idle connection to `addr`.
-    pub fn take(&self, addr: SocketAddr, cfg: &PoolConfig, now: Instant) -> Option<Conn> {
+    pub fn take(&self, addr: SocketAddr, now: Instant) -> Option<Conn> {
         let mut idle = self.idle.lock();
         let list = idle.get_mut(&addr)?;
         while let Some(i) = list.pop_back() {
-            if !i.conn.is_usable() || now.saturating_duration_since(i.since) > cfg.idle_timeout {
+            if !i.conn.is_usable() || now.saturating_duration_since(i.since) > self.cfg.idle_timeout
+            {
                 continue;
             }
             return Some(i.conn);
@@ -157,19 +168,28 @@ impl OwnedPool {
 
     /// Returns a connection whose last response was read to the end, and
     /// drops the oldest idle ones that expired meanwhile.
-    pub fn put(&self, addr: SocketAddr, conn: Conn, cfg: &PoolConfig, now: Instant) {
+    pub fn put(&self, addr: SocketAddr, conn: Conn, since: Instant) {
         let mut idle = self.idle.lock();
         let list = idle.entry(addr).or_default();
         while list
             .front()
-            .is_some_and(|i| now.saturating_duration_since(i.since) > cfg.idle_timeout)
+            .is_some_and(|i| since.saturating_duration_since(i.since) > self.cfg.idle_timeout)
         {
             list.pop_front();
         }
-        if list.len() < cfg.max_idle {
-            list.push_back(Idle { conn, since: now });
+        if list.len() < self.cfg.max_idle {
+            list.push_back(Idle { conn, since });
         }
     }
+}
+
+/// Where a connection goes back to when its response body ends.
+#[derive(Debug, Clone)]
+pub enum Home {
+    /// The current worker thread's pool, with these settings.
+    Worker(PoolConfig),
+    /// A pool of its user's own.
+    Owned(std::sync::Arc<OwnedPool>),
 }
 
 /// Opens a connection driven by hyper's client in a task of its own, for

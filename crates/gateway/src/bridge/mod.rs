@@ -366,11 +366,10 @@ impl Bridge {
             ack_timeout: spec.ack_timeout,
             connect_timeout: self.inner.connect_timeout,
             // Every delivery in flight can go back to the pool.
-            pool: PoolConfig {
+            idle: Arc::new(crate::pool::OwnedPool::new(PoolConfig {
                 max_idle: self.inner.pool.max_idle.max(spec.max_in_flight),
                 ..self.inner.pool
-            },
-            idle: Arc::default(),
+            })),
             stats: Arc::clone(&stats),
         });
         let handler = move |event: Event| {

@@ -31,7 +31,7 @@ use tokio::time::{Instant, timeout_at};
 use super::http_binding::render_binary;
 use super::metrics::SubStats;
 use crate::h1::{self, H1Body, H1Conn, Outgoing};
-use crate::pool::{self, PoolConfig};
+use crate::pool;
 use crate::upstream::{Pick, RouteUpstreams, Upstream};
 
 /// The header telling the subscriber which delivery of the event this is (1-based).
@@ -61,9 +61,8 @@ pub struct Pusher {
     pub ack_timeout: Duration,
     /// Connect timeout per instance.
     pub connect_timeout: Duration,
-    /// Pool settings (the proxy's).
-    pub pool: PoolConfig,
-    /// Idle connections to the target's instances.
+    /// Idle connections to the target's instances (the proxy's pool
+    /// settings, with `max_idle` at least `max_in_flight`).
     pub idle: Arc<pool::OwnedPool>,
     /// Counters.
     pub stats: Arc<SubStats>,
@@ -269,7 +268,7 @@ impl Pusher {
                 ))),
             }
         };
-        let mut conn = match self.idle.take(u.addr, &self.pool, now) {
+        let mut conn = match self.idle.take(u.addr, now) {
             Some(c) => c,
             None => connect().await?,
         };
@@ -299,7 +298,7 @@ impl Pusher {
             }
             Ok(Err(e)) => return Err(broke(e)),
         };
-        let body = H1Body::with_owner(conn, &head, self.pool, now, Some(Arc::clone(&self.idle)));
+        let body = H1Body::with_home(conn, &head, pool::Home::Owned(Arc::clone(&self.idle)), now);
         let res = Response::from_parts(head.parts, body);
         let status = res.status();
         let retry_after = res
