@@ -24,7 +24,7 @@
 //! - [`retry`]: idempotency, jittered backoff, retry budget.
 //! - [`h1`]: the gateway's HTTP/1.1 client, driven inside the request's task
 //!   (hyper's client only for streamed request bodies and upgrades).
-//! - [`pool`]: per-worker pools of upstream HTTP/1.1 connections.
+//! - [`pool`]: pools of upstream HTTP/1.1 connections, per worker (proxy) or per subscription (bridge).
 //! - [`h2c`]: per-worker shared HTTP/2 upstream connections.
 //! - [`tls`]: rustls termination, ALPN `h2` / `http/1.1`.
 //! - [`reload`]: hot reload of routes, services and policies (arc-swap).

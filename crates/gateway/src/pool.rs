@@ -1,10 +1,13 @@
-//! Upstream HTTP/1.1 connections, pooled per worker thread.
+//! Upstream HTTP/1.1 connections, pooled per worker thread, or per owner.
 //!
 //! Each worker thread keeps its own idle list per upstream address in a
 //! thread-local map, so checking a connection out or in takes no lock and
-//! touches no shared cache line. A connection goes back to the pool only once
-//! its response body has been read to the end (see [`crate::h1::H1Body`]), so
-//! every pooled connection is idle.
+//! touches no shared cache line: right for the proxy, whose requests stay on
+//! the worker that accepted them. A task that moves between workers (the
+//! bridge's push consumer) keeps an [`OwnedPool`] instead, or one worker's
+//! list drains while another's overflows. A connection goes back to its pool
+//! only once its response body has been read to the end (see
+//! [`crate::h1::H1Body`]), so every pooled connection is idle.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
