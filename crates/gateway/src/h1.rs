@@ -83,12 +83,7 @@ pub enum SendError {
 impl H1Conn {
     /// Opens a connection (with `TCP_NODELAY`).
     pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Self, ConnectError> {
-        let io = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => return Err(ConnectError::Io { addr, source }),
-            Err(_) => return Err(ConnectError::Timeout(addr)),
-        };
-        let _ = io.set_nodelay(true);
+        let io = pool::tcp_connect(addr, timeout).await?;
         Ok(Self {
             io,
             rd: BytesMut::new(),
@@ -194,6 +189,59 @@ impl H1Conn {
         if let Some(b) = req.body.filter(|b| b.len() <= COPY_BODY) {
             w.extend_from_slice(b);
         }
+    }
+}
+
+/// Why [`exchange`] got no response head.
+#[derive(Debug)]
+pub enum Failed {
+    /// No connection could be opened: nothing was sent.
+    Connect(ConnectError),
+    /// No response head before the deadline.
+    Timeout,
+    /// The request failed on the connection (see [`SendError`]).
+    Send(SendError),
+}
+
+/// Sends `req` to `addr` over `idle` (a pooled connection) or a new one, and
+/// reads the response head, all before `deadline`. A pooled connection the
+/// upstream closed while idle (the keep-alive race), found before a byte was
+/// written, is replaced by a fresh one: nothing was sent. The proxy and the
+/// bridge's pushes both send through here.
+pub async fn exchange(
+    idle: Option<H1Conn>,
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    req: &Outgoing<'_>,
+    deadline: tokio::time::Instant,
+) -> Result<(H1Conn, Head), Failed> {
+    // Connecting is boxed, like every cold path of the proxy's request
+    // future: its size is what each keep-alive client connection holds.
+    let connect = || {
+        Box::pin(async move {
+            match tokio::time::timeout_at(deadline, H1Conn::connect(addr, connect_timeout)).await {
+                Ok(Ok(c)) => Ok(c),
+                Ok(Err(e)) => Err(Failed::Connect(e)),
+                Err(_) => Err(Failed::Connect(ConnectError::Timeout(addr))),
+            }
+        })
+    };
+    let mut conn = match idle {
+        Some(c) => c,
+        None => connect().await?,
+    };
+    match tokio::time::timeout_at(deadline, conn.request(req)).await {
+        Err(_) => Err(Failed::Timeout),
+        Ok(Ok(head)) => Ok((conn, head)),
+        Ok(Err(SendError::NotSent)) if conn.is_reused() => {
+            let mut fresh = connect().await?;
+            match Box::pin(tokio::time::timeout_at(deadline, fresh.request(req))).await {
+                Err(_) => Err(Failed::Timeout),
+                Ok(Ok(head)) => Ok((fresh, head)),
+                Ok(Err(e)) => Err(Failed::Send(e)),
+            }
+        }
+        Ok(Err(e)) => Err(Failed::Send(e)),
     }
 }
 
@@ -850,6 +898,29 @@ mod tests {
         assert_eq!(chunk_size(b"1000000000000000"), None);
     }
 
+    static UP: HeaderValue = HeaderValue::from_static("up");
+    static NO_HEADERS: std::sync::LazyLock<HeaderMap> = std::sync::LazyLock::new(HeaderMap::new);
+
+    /// `GET /x` to host `up`, no body.
+    fn get_x() -> Outgoing<'static> {
+        Outgoing {
+            method: &Method::GET,
+            target: "/x",
+            host: &UP,
+            headers: &NO_HEADERS,
+            forwarding: None,
+            body: None,
+            declares_body: false,
+        }
+    }
+
+    fn pool_cfg() -> PoolConfig {
+        PoolConfig {
+            idle_timeout: Duration::from_secs(60),
+            max_idle: 4,
+        }
+    }
+
     /// A response served by a one-shot upstream, read through `H1Conn` and
     /// `H1Body`, its bytes written in pieces of `split` bytes.
     async fn exchange(
@@ -869,24 +940,8 @@ mod tests {
             }
         });
         let mut conn = H1Conn::connect(addr, Duration::from_secs(5)).await.unwrap();
-        let host = HeaderValue::from_static("up");
-        let headers = HeaderMap::new();
-        let h = conn
-            .request(&Outgoing {
-                method: &Method::GET,
-                target: "/x",
-                host: &host,
-                headers: &headers,
-                forwarding: None,
-                body: None,
-                declares_body: false,
-            })
-            .await
-            .unwrap();
-        let cfg = PoolConfig {
-            idle_timeout: Duration::from_secs(60),
-            max_idle: 4,
-        };
+        let h = conn.request(&get_x()).await.unwrap();
+        let cfg = pool_cfg();
         let body = H1Body::new(conn, &h, cfg, Instant::now());
         let got = body
             .collect()
@@ -973,21 +1028,8 @@ mod tests {
             let _ = close_rx.await;
             drop(s);
         });
-        let cfg = PoolConfig {
-            idle_timeout: Duration::from_secs(60),
-            max_idle: 4,
-        };
-        let host = HeaderValue::from_static("up");
-        let headers = HeaderMap::new();
-        let out = Outgoing {
-            method: &Method::GET,
-            target: "/x",
-            host: &host,
-            headers: &headers,
-            forwarding: None,
-            body: None,
-            declares_body: false,
-        };
+        let cfg = pool_cfg();
+        let out = get_x();
         let mut conn = H1Conn::connect(addr, Duration::from_secs(5)).await.unwrap();
         for _ in 0..2 {
             let h = conn.request(&out).await.unwrap();

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use hyper::client::conn::http2::{Builder, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 
 use crate::body::ReqBody;
 use crate::pool::ConnectError;
@@ -55,12 +54,7 @@ pub async fn forget(addr: SocketAddr) {
 }
 
 async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(source)) => return Err(ConnectError::Io { addr, source }),
-        Err(_) => return Err(ConnectError::Timeout(addr)),
-    };
-    let _ = stream.set_nodelay(true);
+    let stream = crate::pool::tcp_connect(addr, timeout).await?;
     let handshake = Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(20)))

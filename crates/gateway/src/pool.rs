@@ -195,6 +195,18 @@ pub enum Home {
     Owned(std::sync::Arc<OwnedPool>),
 }
 
+/// A TCP connection to an upstream within `timeout`, with `TCP_NODELAY`
+/// (every upstream client of the gateway opens its sockets here).
+pub async fn tcp_connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => return Err(ConnectError::Io { addr, source }),
+        Err(_) => return Err(ConnectError::Timeout(addr)),
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
 /// Opens a connection driven by hyper's client in a task of its own, for
 /// what [`crate::h1`] does not do: request bodies streamed while the
 /// upstream may already answer, and (`upgrades`) HTTP/1.1 upgrades, whose
@@ -204,12 +216,7 @@ pub async fn connect_hyper(
     timeout: Duration,
     upgrades: bool,
 ) -> Result<SendRequest<ReqBody>, ConnectError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(source)) => return Err(ConnectError::Io { addr, source }),
-        Err(_) => return Err(ConnectError::Timeout(addr)),
-    };
-    let _ = stream.set_nodelay(true);
+    let stream = tcp_connect(addr, timeout).await?;
     let (conn, driver) = Builder::new()
         .handshake(TokioIo::new(stream))
         .await

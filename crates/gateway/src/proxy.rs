@@ -37,7 +37,7 @@ use crate::body::{ReqBody, ResBody, Streamed, UpBody};
 use crate::breaker::OwnedPermit;
 use crate::config::{Protocol, RouteConfig};
 use crate::correlation;
-use crate::h1::{H1Body, H1Conn, Outgoing, SendError};
+use crate::h1::{self, Failed, H1Body, Outgoing, SendError};
 use crate::headers::{Forwarding, IDEMPOTENCY_KEY, X_REQUEST_ID, strip_hop_by_hop};
 use crate::metrics::{AttemptOutcome, Metrics, RouteSeries};
 use crate::pool::{self, PoolConfig};
@@ -913,48 +913,16 @@ impl Gateway {
             },
             declares_body: parts.headers.contains_key(header::CONTENT_LENGTH),
         };
-        let mut conn = match pool::take_idle(u.addr, &self.pool, start) {
-            Some(c) => c,
-            // Connect: nothing is sent before this succeeds. Boxed, like
-            // every cold path of the request future: its size is what each
-            // keep-alive connection holds.
-            None => match Box::pin(timeout_at(
-                deadline,
-                H1Conn::connect(u.addr, cfg.connect_timeout),
-            ))
-            .await
-            {
-                Ok(Ok(c)) => c,
-                _ => return Err(Failure::Connect),
-            },
-        };
-        let head = match timeout_at(deadline, conn.request(&out)).await {
-            Err(_) => return Err(Failure::Timeout),
-            Ok(Ok(head)) => head,
-            // A pooled connection the upstream closed while idle (the
-            // keep-alive race), found before a byte was written: nothing
-            // was sent, use a fresh one.
-            Ok(Err(SendError::NotSent)) if conn.is_reused() => {
-                let fresh = Box::pin(async {
-                    let Ok(Ok(mut c)) =
-                        timeout_at(deadline, H1Conn::connect(u.addr, cfg.connect_timeout)).await
-                    else {
-                        return Err(Failure::Connect);
-                    };
-                    match timeout_at(deadline, c.request(&out)).await {
-                        Err(_) => Err(Failure::Timeout),
-                        Ok(Ok(head)) => Ok((c, head)),
-                        Ok(Err(SendError::NotSent)) => Err(Failure::Connect),
-                        Ok(Err(_)) => Err(Failure::Reset),
-                    }
-                })
-                .await?;
-                conn = fresh.0;
-                fresh.1
-            }
-            Ok(Err(SendError::NotSent)) => return Err(Failure::Connect),
-            Ok(Err(_)) => return Err(Failure::Reset),
-        };
+        let idle = pool::take_idle(u.addr, &self.pool, start);
+        let (conn, head) =
+            match h1::exchange(idle, u.addr, cfg.connect_timeout, &out, deadline).await {
+                Ok(x) => x,
+                Err(Failed::Connect(_) | Failed::Send(SendError::NotSent)) => {
+                    return Err(Failure::Connect);
+                }
+                Err(Failed::Timeout) => return Err(Failure::Timeout),
+                Err(Failed::Send(_)) => return Err(Failure::Reset),
+            };
         let body = H1Body::new(conn, &head, self.pool, start);
         Ok(Response::from_parts(head.parts, UpBody::H1(body)))
     }

@@ -30,7 +30,7 @@ use tokio::time::{Instant, timeout_at};
 
 use super::http_binding::render_binary;
 use super::metrics::SubStats;
-use crate::h1::{self, H1Body, H1Conn, Outgoing};
+use crate::h1::{self, H1Body, Outgoing};
 use crate::pool;
 use crate::upstream::{Pick, RouteUpstreams, Upstream};
 
@@ -258,20 +258,6 @@ impl Pusher {
         deadline: Instant,
     ) -> Result<Answer, SendError> {
         let now = std::time::Instant::now();
-        let connect = || async {
-            match timeout_at(deadline, H1Conn::connect(u.addr, self.connect_timeout)).await {
-                Ok(Ok(c)) => Ok(c),
-                Ok(Err(e)) => Err(SendError::Connect(e.to_string())),
-                Err(_) => Err(SendError::Connect(format!(
-                    "connect to {} timed out",
-                    u.addr
-                ))),
-            }
-        };
-        let mut conn = match self.idle.take(u.addr, now) {
-            Some(c) => c,
-            None => connect().await?,
-        };
         let out = Outgoing {
             method: &http::Method::POST,
             target: self.path.as_str(),
@@ -281,23 +267,16 @@ impl Pusher {
             body: Some(&body),
             declares_body: true,
         };
-        let broke = |e: h1::SendError| SendError::Reset(format!("the connection broke: {e:?}"));
-        let head = match timeout_at(deadline, conn.request(&out)).await {
-            Err(_) => return Err(SendError::Timeout),
-            Ok(Ok(head)) => head,
-            // A pooled connection the upstream closed while idle (the
-            // keep-alive race), found before a byte was written: nothing
-            // was sent, use a fresh one.
-            Ok(Err(h1::SendError::NotSent)) if conn.is_reused() => {
-                conn = connect().await?;
-                match timeout_at(deadline, conn.request(&out)).await {
-                    Err(_) => return Err(SendError::Timeout),
-                    Ok(Ok(head)) => head,
-                    Ok(Err(e)) => return Err(broke(e)),
+        let idle = self.idle.take(u.addr, now);
+        let (conn, head) =
+            match h1::exchange(idle, u.addr, self.connect_timeout, &out, deadline).await {
+                Ok(x) => x,
+                Err(h1::Failed::Connect(e)) => return Err(SendError::Connect(e.to_string())),
+                Err(h1::Failed::Timeout) => return Err(SendError::Timeout),
+                Err(h1::Failed::Send(e)) => {
+                    return Err(SendError::Reset(format!("the connection broke: {e:?}")));
                 }
-            }
-            Ok(Err(e)) => return Err(broke(e)),
-        };
+            };
         let body = H1Body::with_home(conn, &head, pool::Home::Owned(Arc::clone(&self.idle)), now);
         let res = Response::from_parts(head.parts, body);
         let status = res.status();
