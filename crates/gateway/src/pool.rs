@@ -30,6 +30,39 @@ struct Idle {
     since: Instant,
 }
 
+/// One upstream's idle connections, most recently used last: the one list
+/// both the worker pools and [`OwnedPool`] keep per address.
+#[derive(Default)]
+struct IdleList(VecDeque<Idle>);
+
+impl IdleList {
+    /// The most recently used connection that is still usable and not older
+    /// than the idle timeout; the unusable ones met on the way are dropped.
+    fn take(&mut self, cfg: &PoolConfig, now: Instant) -> Option<Conn> {
+        while let Some(i) = self.0.pop_back() {
+            if i.conn.is_usable() && now.saturating_duration_since(i.since) <= cfg.idle_timeout {
+                return Some(i.conn);
+            }
+        }
+        None
+    }
+
+    /// Keeps `conn` unless `max_idle` are kept already; the oldest ones
+    /// past the idle timeout go first.
+    fn put(&mut self, conn: Conn, cfg: &PoolConfig, since: Instant) {
+        while self
+            .0
+            .front()
+            .is_some_and(|i| since.saturating_duration_since(i.since) > cfg.idle_timeout)
+        {
+            self.0.pop_front();
+        }
+        if self.0.len() < cfg.max_idle {
+            self.0.push_back(Idle { conn, since });
+        }
+    }
+}
+
 /// FxHash-style hasher for socket addresses (not attacker-chosen).
 #[derive(Default)]
 pub(crate) struct AddrHasher(u64);
@@ -51,7 +84,7 @@ impl Hasher for AddrHasher {
     }
 }
 
-type Map = HashMap<SocketAddr, Vec<Idle>, BuildHasherDefault<AddrHasher>>;
+type Map = HashMap<SocketAddr, IdleList, BuildHasherDefault<AddrHasher>>;
 
 thread_local! {
     static IDLE: RefCell<Map> = RefCell::new(Map::default());
@@ -85,30 +118,17 @@ pub struct PoolConfig {
 /// Takes an idle connection to `addr`, if one is usable. `now` is the
 /// request's start (saves a clock read per request).
 pub fn take_idle(addr: SocketAddr, cfg: &PoolConfig, now: Instant) -> Option<Conn> {
-    IDLE.with(|m| {
-        let mut m = m.borrow_mut();
-        let list = m.get_mut(&addr)?;
-        while let Some(idle) = list.pop() {
-            if !idle.conn.is_usable()
-                || now.saturating_duration_since(idle.since) > cfg.idle_timeout
-            {
-                continue;
-            }
-            return Some(idle.conn);
-        }
-        None
-    })
+    IDLE.with(|m| m.borrow_mut().get_mut(&addr)?.take(cfg, now))
 }
 
 /// Returns a connection whose last response was read to the end; `since`
 /// is a recent instant (the request's start will do).
 pub fn put_idle(addr: SocketAddr, conn: Conn, cfg: &PoolConfig, since: Instant) {
     IDLE.with(|m| {
-        let mut m = m.borrow_mut();
-        let list = m.entry(addr).or_default();
-        if list.len() < cfg.max_idle {
-            list.push(Idle { conn, since });
-        }
+        m.borrow_mut()
+            .entry(addr)
+            .or_default()
+            .put(conn, cfg, since);
     });
 }
 
@@ -117,8 +137,9 @@ pub fn sweep(cfg: &PoolConfig) {
     IDLE.with(|m| {
         let mut m = m.borrow_mut();
         m.retain(|_, list| {
-            list.retain(|i| i.conn.is_usable() && i.since.elapsed() <= cfg.idle_timeout);
-            !list.is_empty()
+            list.0
+                .retain(|i| i.conn.is_usable() && i.since.elapsed() <= cfg.idle_timeout);
+            !list.0.is_empty()
         });
     });
 }
@@ -135,7 +156,7 @@ pub fn sweep(cfg: &PoolConfig) {
 /// lock is only ever taken by that one task, so it is uncontended.
 pub struct OwnedPool {
     cfg: PoolConfig,
-    idle: parking_lot::Mutex<HashMap<SocketAddr, VecDeque<Idle>, BuildHasherDefault<AddrHasher>>>,
+    idle: parking_lot::Mutex<Map>,
 }
 
 impl std::fmt::Debug for OwnedPool {
@@ -157,32 +178,17 @@ impl OwnedPool {
 
     /// Takes the most recently used usable idle connection to `addr`.
     pub fn take(&self, addr: SocketAddr, now: Instant) -> Option<Conn> {
-        let mut idle = self.idle.lock();
-        let list = idle.get_mut(&addr)?;
-        while let Some(i) = list.pop_back() {
-            if !i.conn.is_usable() || now.saturating_duration_since(i.since) > self.cfg.idle_timeout
-            {
-                continue;
-            }
-            return Some(i.conn);
-        }
-        None
+        self.idle.lock().get_mut(&addr)?.take(&self.cfg, now)
     }
 
     /// Returns a connection whose last response was read to the end, and
     /// drops the oldest idle ones that expired meanwhile.
     pub fn put(&self, addr: SocketAddr, conn: Conn, since: Instant) {
-        let mut idle = self.idle.lock();
-        let list = idle.entry(addr).or_default();
-        while list
-            .front()
-            .is_some_and(|i| since.saturating_duration_since(i.since) > self.cfg.idle_timeout)
-        {
-            list.pop_front();
-        }
-        if list.len() < self.cfg.max_idle {
-            list.push_back(Idle { conn, since });
-        }
+        self.idle
+            .lock()
+            .entry(addr)
+            .or_default()
+            .put(conn, &self.cfg, since);
     }
 }
 
