@@ -1,6 +1,7 @@
-//! Body types of the proxy: what goes upstream ([`ReqBody`]) and what goes
-//! back to the client ([`ResBody`]). Both are enums, not boxed trait objects,
-//! so a proxied request allocates no body wrapper.
+//! Body types of the proxy: what a client sends ([`ClientBody`]), what goes
+//! upstream ([`ReqBody`]) and what goes back to the client ([`ResBody`]).
+//! All are enums, not boxed trait objects, so a proxied request allocates no
+//! body wrapper.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -21,6 +22,54 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("request body exceeds {0} bytes")]
 pub struct BodyTooLarge(pub u64);
 
+/// A client's request body: from the gateway's HTTP/1.1 server or from
+/// hyper's HTTP/2 server (TLS with ALPN `h2`).
+#[derive(Debug)]
+pub enum ClientBody {
+    /// No body.
+    Empty,
+    /// Read from an HTTP/1.1 connection by whoever polls it.
+    H1(crate::h1_server::RequestBody),
+    /// An HTTP/2 stream's body.
+    H2(Incoming),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Empty => Poll::Ready(None),
+            ClientBody::H1(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
+            ClientBody::H2(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Empty => true,
+            ClientBody::H1(b) => b.is_end_stream(),
+            ClientBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::H1(b) => b.size_hint(),
+            ClientBody::H2(b) => b.size_hint(),
+        }
+    }
+}
+
 /// A request body sent upstream.
 #[derive(Debug)]
 pub enum ReqBody {
@@ -38,7 +87,7 @@ pub struct Streamed {
     /// Bytes read while deciding whether to buffer, sent first.
     pub prefix: Option<Bytes>,
     /// The rest of the client's body.
-    pub rest: Incoming,
+    pub rest: ClientBody,
     /// Bytes seen so far.
     pub seen: u64,
     /// The route's body limit.
@@ -84,7 +133,7 @@ impl Body for ReqBody {
                         }
                         Poll::Ready(Some(Ok(frame)))
                     }
-                    Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+                    Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
                     Poll::Ready(None) => Poll::Ready(None),
                     Poll::Pending => Poll::Pending,
                 }
@@ -173,6 +222,16 @@ impl Body for UpBody {
     }
 }
 
+impl UpBody {
+    /// The response's unparsed fields, if the client left them so.
+    pub(crate) fn take_raw_fields(&mut self) -> Option<Box<crate::h1::RawFields>> {
+        match self {
+            UpBody::H1(b) => b.take_raw_fields(),
+            UpBody::Hyper(_) => None,
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Inner {
     Full(Option<Bytes>),
@@ -257,6 +316,15 @@ impl ResBody {
             };
         }
         Ok((bytes, whole))
+    }
+
+    /// The upstream response's unparsed fields (see [`crate::h1::RawFields`]),
+    /// to be written after the map's.
+    pub(crate) fn take_raw_fields(&mut self) -> Option<Box<crate::h1::RawFields>> {
+        match &mut self.inner {
+            Inner::Upstream(b) => b.take_raw_fields(),
+            _ => None,
+        }
     }
 
     /// The upstream's body failed: its instance is charged with a failure.

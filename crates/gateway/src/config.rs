@@ -551,11 +551,14 @@ impl RawConfig {
                 "must be at least 1024".into(),
             );
         }
-        if g.max_headers == 0 {
+        if g.max_headers == 0 || g.max_headers > crate::h1_server::MAX_HEADERS_LIMIT {
             err(
                 0..0,
                 "gateway.max_headers".into(),
-                "must be at least 1".into(),
+                format!(
+                    "must be between 1 and {}",
+                    crate::h1_server::MAX_HEADERS_LIMIT
+                ),
             );
         }
         if !(self.registry.store.starts_with("memory://")

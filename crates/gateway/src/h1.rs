@@ -59,9 +59,8 @@ pub struct H1Conn {
     io: TcpStream,
     rd: BytesMut,
     wr: Vec<u8>,
-    /// Header names and value spans of the head being parsed (kept to
-    /// reuse its allocation).
-    spans: Vec<(HeaderName, usize, usize)>,
+    /// Field spans of the head being parsed (kept to reuse its allocation).
+    spans: Vec<Span>,
     addr: SocketAddr,
     /// Served a request before (may have been closed by the upstream while idle).
     reused: bool,
@@ -138,7 +137,8 @@ impl H1Conn {
         let head_request = req.method == Method::HEAD;
         loop {
             if !self.rd.is_empty()
-                && let Some(head) = parse_head(&mut self.rd, head_request, &mut self.spans)?
+                && let Some(head) =
+                    parse_head(&mut self.rd, head_request, req.raw_fields, &mut self.spans)?
             {
                 return Ok(head);
             }
@@ -289,14 +289,21 @@ pub struct Outgoing<'a> {
     pub body: Option<&'a Bytes>,
     /// The client declared a body (a `Content-Length`, maybe 0).
     pub declares_body: bool,
+    /// Leave the response's fields unparsed ([`RawFields`]): only when
+    /// nothing will read them before they are written to an HTTP/1.1 client.
+    pub raw_fields: bool,
 }
 
 /// A response head.
 #[derive(Debug)]
 pub struct Head {
     /// Status, version and header fields (hop-by-hop `Connection: close` /
-    /// `keep-alive`, `Keep-Alive` and `Transfer-Encoding` already left out).
+    /// `keep-alive`, `Keep-Alive` and `Transfer-Encoding` already left out);
+    /// no fields when they are in `raw`.
     pub parts: http::response::Parts,
+    /// The fields, left unparsed when [`Outgoing::raw_fields`] asked for it
+    /// (boxed: the body that carries them is moved around whole).
+    pub raw: Option<Box<RawFields>>,
     /// How its body is delimited.
     pub framing: Framing,
     /// The connection may serve another request after this response.
@@ -318,11 +325,13 @@ pub enum Framing {
 
 /// The response head, if `rd` holds a complete one (interim 1xx responses
 /// are skipped). On success the head's bytes are split off `rd`, whose rest
-/// is the start of the body.
+/// is the start of the body. With `raw`, the fields stay in the head's bytes
+/// ([`RawFields`]) unless `Connection` names fields to remove.
 fn parse_head(
     rd: &mut BytesMut,
     head_request: bool,
-    spans: &mut Vec<(HeaderName, usize, usize)>,
+    raw: bool,
+    spans: &mut Vec<Span>,
 ) -> Result<Option<Head>, SendError> {
     loop {
         spans.clear();
@@ -355,45 +364,78 @@ fn parse_head(
         let mut framing = None;
         let mut length: Option<u64> = None;
         let mut keep_alive = version == Version::HTTP_11;
-        // Names now, values once the head is split off (they share its buffer).
+        let mut raw = raw;
+        // Spans now, names and values once the head is split off (the
+        // values share its buffer).
         let base = rd.as_ptr() as usize;
+        let at = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
         for h in res.headers.iter() {
-            let name =
-                HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| SendError::Malformed)?;
-            let raw = h.value;
-            if name == header::CONTENT_LENGTH {
-                let n = parse_length(raw).ok_or(SendError::Malformed)?;
+            let name = h.name.as_bytes();
+            let value = h.value;
+            if name.eq_ignore_ascii_case(b"content-length") {
+                let n = parse_length(value).ok_or(SendError::Malformed)?;
                 if length.is_some_and(|l| l != n) {
                     return Err(SendError::Malformed);
                 }
                 length = Some(n);
-            } else if name == header::TRANSFER_ENCODING {
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 // The last coding decides (RFC 9112 §6.3): chunked or not.
-                framing = Some(last_token_is(raw, b"chunked"));
+                framing = Some(last_token_is(value, b"chunked"));
                 continue;
-            } else if name == header::CONNECTION {
-                if has_token(raw, b"close") {
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                if has_token(value, b"close") {
                     keep_alive = false;
-                } else if has_token(raw, b"keep-alive") {
+                } else if has_token(value, b"keep-alive") {
                     keep_alive = true;
                 }
-                if only_tokens(raw, &[b"close", b"keep-alive"]) {
+                if only_tokens(value, &[b"close", b"keep-alive"]) {
                     // The usual value: nothing for the hop-by-hop filter to do.
                     continue;
                 }
-            } else if name.as_str() == "keep-alive" {
+                // It names fields to remove: the map's filter does that.
+                raw = false;
+            } else if name.eq_ignore_ascii_case(b"keep-alive") {
                 continue;
             }
-            let vs = raw.as_ptr() as usize - base;
-            spans.push((name, vs, vs + raw.len()));
+            let (ns, vs) = (at(name), at(value));
+            spans.push(Span {
+                name: (ns, ns + name.len() as u32),
+                value: (vs, vs + value.len() as u32),
+            });
+        }
+        if framing.is_some() && length.is_some() {
+            // Both: chunked (or read-until-close) wins; the length must not
+            // reach the client, and the connection is not trusted again.
+            spans.retain(|s| {
+                !rd[s.name.0 as usize..s.name.1 as usize].eq_ignore_ascii_case(b"content-length")
+            });
+            if framing == Some(true) {
+                keep_alive = false;
+            }
         }
         let head = rd.split_to(n).freeze();
-        let mut headers = HeaderMap::with_capacity(spans.len());
-        for (name, vs, ve) in spans.drain(..) {
-            let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
+        let mut parts = http::Response::new(()).into_parts().0;
+        parts.status = status;
+        parts.version = version;
+        let fields = if raw {
+            Some(Box::new(RawFields {
+                head,
+                spans: std::mem::take(spans),
+            }))
+        } else {
+            let mut headers = HeaderMap::with_capacity(spans.len());
+            for s in spans.drain(..) {
+                let name = HeaderName::from_bytes(&head[s.name.0 as usize..s.name.1 as usize])
+                    .map_err(|_| SendError::Malformed)?;
+                let value = HeaderValue::from_maybe_shared(
+                    head.slice(s.value.0 as usize..s.value.1 as usize),
+                )
                 .map_err(|_| SendError::Malformed)?;
-            headers.append(name, value);
-        }
+                headers.append(name, value);
+            }
+            parts.headers = headers;
+            None
+        };
         let framing = if head_request
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
@@ -401,37 +443,54 @@ fn parse_head(
             Framing::Empty
         } else {
             match (framing, length) {
-                (Some(true), _) => {
-                    if length.is_some() {
-                        // Both: chunked wins; the length must not reach the
-                        // client, and the connection is not trusted again.
-                        headers.remove(header::CONTENT_LENGTH);
-                        keep_alive = false;
-                    }
-                    Framing::Chunked
-                }
-                (Some(false), _) => {
-                    headers.remove(header::CONTENT_LENGTH);
-                    Framing::Eof
-                }
+                (Some(true), _) => Framing::Chunked,
+                (Some(false), _) => Framing::Eof,
                 (None, Some(0)) => Framing::Empty,
                 (None, Some(n)) => Framing::Length(n),
                 (None, None) => Framing::Eof,
             }
         };
-        let mut parts = http::Response::new(()).into_parts().0;
-        parts.status = status;
-        parts.version = version;
-        parts.headers = headers;
         return Ok(Some(Head {
             parts,
+            raw: fields,
             framing,
             keep_alive: keep_alive && framing != Framing::Eof,
         }));
     }
 }
 
-fn parse_length(v: &[u8]) -> Option<u64> {
+/// Where one header field is in a response head's bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Span {
+    name: (u32, u32),
+    value: (u32, u32),
+}
+
+/// A response's header fields as the upstream sent them, for a response
+/// that goes straight to an HTTP/1.1 client: the head's bytes and where
+/// each field is in them. Building an `http::HeaderMap` (a name lookup, a
+/// hash and an insert per field) was about 3,000 instructions per response
+/// that nobody read. `Connection`, `Keep-Alive` and `Transfer-Encoding` are
+/// already left out, and so is `Content-Length` when the body is chunked.
+#[derive(Debug)]
+pub struct RawFields {
+    head: Bytes,
+    spans: Vec<Span>,
+}
+
+impl RawFields {
+    /// Each field's name and value, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.spans.iter().map(|s| {
+            (
+                &self.head[s.name.0 as usize..s.name.1 as usize],
+                &self.head[s.value.0 as usize..s.value.1 as usize],
+            )
+        })
+    }
+}
+
+pub(crate) fn parse_length(v: &[u8]) -> Option<u64> {
     let v = v.trim_ascii();
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
         return None;
@@ -439,13 +498,13 @@ fn parse_length(v: &[u8]) -> Option<u64> {
     std::str::from_utf8(v).ok()?.parse().ok()
 }
 
-fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     v.split(|&b| b == b',')
         .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
 }
 
-fn has_token(v: &[u8], t: &[u8]) -> bool {
+pub(crate) fn has_token(v: &[u8], t: &[u8]) -> bool {
     tokens(v).any(|x| x.eq_ignore_ascii_case(t))
 }
 
@@ -453,7 +512,7 @@ fn only_tokens(v: &[u8], allowed: &[&[u8]]) -> bool {
     tokens(v).all(|x| allowed.iter().any(|a| x.eq_ignore_ascii_case(a)))
 }
 
-fn last_token_is(v: &[u8], t: &[u8]) -> bool {
+pub(crate) fn last_token_is(v: &[u8], t: &[u8]) -> bool {
     tokens(v).last().is_some_and(|x| x.eq_ignore_ascii_case(t))
 }
 
@@ -464,19 +523,27 @@ fn last_token_is(v: &[u8], t: &[u8]) -> bool {
 #[derive(Debug)]
 pub struct H1Body {
     conn: Option<H1Conn>,
-    /// An error found by a read, reported on the next poll: see `fail`.
-    failed: Option<BodyError>,
-    state: State,
+    /// An error found by a read, reported on the next poll: see `fail`
+    /// (boxed: rare, and the body is moved around whole).
+    failed: Option<Box<BodyError>>,
+    decoder: Decoder,
     keep_alive: bool,
     home: pool::Home,
     since: Instant,
+    /// The response's fields, when left unparsed.
+    raw: Option<Box<RawFields>>,
 }
 
+/// Where the reading of a body stands: the framing state machine of
+/// RFC 9112 §6 and §7.1, shared by the client's response bodies
+/// ([`H1Body`]) and the server's request bodies
+/// ([`crate::h1_server::RequestBody`]). It only looks at the bytes it is
+/// given; each side does its own reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
+pub(crate) enum Decoder {
     /// This many bytes left.
     Length(u64),
-    /// Until the upstream closes.
+    /// Until the peer closes.
     Eof,
     /// Expecting a chunk-size line.
     ChunkSize,
@@ -488,6 +555,141 @@ enum State {
     Trailers,
     /// Read to the end.
     Done,
+}
+
+/// What [`Decoder::step`] found in the buffer.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// Body bytes.
+    Data(Bytes),
+    /// The trailer section (the body has ended).
+    Trailers(HeaderMap),
+    /// The body has ended.
+    Done,
+    /// More bytes are needed first: at least this many would be useful.
+    Need(u64),
+}
+
+/// Malformed chunked framing (a bad size line, a missing CRLF, or a size
+/// line or trailer section over 16 KiB).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BadChunk;
+
+impl Decoder {
+    /// The state at the start of a body framed as `framing`.
+    pub(crate) fn new(framing: Framing) -> Self {
+        match framing {
+            Framing::Empty => Decoder::Done,
+            Framing::Length(n) => Decoder::Length(n),
+            Framing::Chunked => Decoder::ChunkSize,
+            Framing::Eof => Decoder::Eof,
+        }
+    }
+
+    /// Takes the next frame out of `rd` (leaving whatever follows the body
+    /// there), or says that more bytes must be read first.
+    pub(crate) fn step(&mut self, rd: &mut BytesMut) -> Result<Step, BadChunk> {
+        loop {
+            match *self {
+                Decoder::Done => return Ok(Step::Done),
+                Decoder::Length(rem) if !rd.is_empty() => {
+                    let data = take(rd, rem);
+                    let rem = rem - data.len() as u64;
+                    *self = if rem == 0 {
+                        Decoder::Done
+                    } else {
+                        Decoder::Length(rem)
+                    };
+                    return Ok(Step::Data(data));
+                }
+                Decoder::ChunkData(rem) if !rd.is_empty() => {
+                    let data = take(rd, rem);
+                    let rem = rem - data.len() as u64;
+                    *self = if rem == 0 {
+                        Decoder::ChunkEnd
+                    } else {
+                        Decoder::ChunkData(rem)
+                    };
+                    return Ok(Step::Data(data));
+                }
+                Decoder::Eof if !rd.is_empty() => return Ok(Step::Data(rd.split().freeze())),
+                Decoder::Length(rem) | Decoder::ChunkData(rem) => return Ok(Step::Need(rem)),
+                Decoder::Eof => return Ok(Step::Need(READ_CHUNK as u64)),
+                Decoder::ChunkSize => match find(rd, b"\r\n") {
+                    Some(i) => {
+                        let size = chunk_size(&rd[..i]).ok_or(BadChunk)?;
+                        rd.advance(i + 2);
+                        *self = if size == 0 {
+                            Decoder::Trailers
+                        } else {
+                            Decoder::ChunkData(size)
+                        };
+                    }
+                    None if rd.len() > MAX_CHUNK_META => return Err(BadChunk),
+                    None => return Ok(Step::Need(0)),
+                },
+                Decoder::ChunkEnd => {
+                    if rd.len() < 2 {
+                        return Ok(Step::Need(0));
+                    }
+                    if &rd[..2] != b"\r\n" {
+                        return Err(BadChunk);
+                    }
+                    rd.advance(2);
+                    *self = Decoder::ChunkSize;
+                }
+                Decoder::Trailers => {
+                    if rd.starts_with(b"\r\n") {
+                        rd.advance(2);
+                        *self = Decoder::Done;
+                        continue;
+                    }
+                    match find(rd, b"\r\n\r\n") {
+                        Some(i) => {
+                            let map = trailers(&rd[..i + 4]).ok_or(BadChunk)?;
+                            rd.advance(i + 4);
+                            *self = Decoder::Done;
+                            return Ok(Step::Trailers(map));
+                        }
+                        None if rd.len() > MAX_CHUNK_META => return Err(BadChunk),
+                        None => return Ok(Step::Need(0)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The peer closed the connection: true when that ends the body (it is
+    /// read until close), false when the body is truncated.
+    pub(crate) fn at_eof(&mut self) -> bool {
+        match self {
+            Decoder::Eof | Decoder::Done => {
+                *self = Decoder::Done;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The body has been read to its end.
+    pub(crate) fn is_done(&self) -> bool {
+        *self == Decoder::Done
+    }
+
+    /// The bytes still to come, when known.
+    pub(crate) fn size_hint(&self) -> SizeHint {
+        match self {
+            Decoder::Length(n) => SizeHint::with_exact(*n),
+            Decoder::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// Up to `max` buffered bytes.
+fn take(rd: &mut BytesMut, max: u64) -> Bytes {
+    let k = max.min(rd.len() as u64) as usize;
+    rd.split_to(k).freeze()
 }
 
 /// The upstream's body broke off or was malformed.
@@ -514,24 +716,30 @@ impl H1Body {
     /// [`new`](Self::new), with the connection going back to `home` at the
     /// body's end.
     pub fn with_home(conn: H1Conn, head: &Head, home: pool::Home, since: Instant) -> Self {
-        let state = match head.framing {
-            Framing::Empty => State::Done,
-            Framing::Length(n) => State::Length(n),
-            Framing::Chunked => State::ChunkSize,
-            Framing::Eof => State::Eof,
-        };
         let mut body = Self {
             conn: Some(conn),
             failed: None,
-            state,
+            decoder: Decoder::new(head.framing),
             keep_alive: head.keep_alive,
             home,
             since,
+            raw: None,
         };
-        if state == State::Done {
+        if body.decoder.is_done() {
             body.release();
         }
         body
+    }
+
+    /// Carries the response's unparsed fields to whoever writes the head.
+    pub fn with_raw_fields(mut self, raw: Option<Box<RawFields>>) -> Self {
+        self.raw = raw;
+        self
+    }
+
+    /// The response's unparsed fields, if they were left so.
+    pub fn take_raw_fields(&mut self) -> Option<Box<RawFields>> {
+        self.raw.take()
     }
 
     /// At the body's end: back to the pool if the connection can serve again.
@@ -557,15 +765,9 @@ impl H1Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         self.conn = None;
-        self.failed = Some(e);
+        self.failed = Some(Box::new(e));
         cx.waker().wake_by_ref();
         Poll::Pending
-    }
-
-    /// Hands out up to `max` buffered bytes.
-    fn take(conn: &mut H1Conn, max: u64) -> Bytes {
-        let k = max.min(conn.rd.len() as u64) as usize;
-        conn.rd.split_to(k).freeze()
     }
 }
 
@@ -577,7 +779,7 @@ fn poll_fill(conn: &mut H1Conn, cx: &mut Context<'_>, want: u64) -> Poll<io::Res
     tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.rd)
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+pub(crate) fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
@@ -626,106 +828,36 @@ impl Body for H1Body {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         if let Some(e) = this.failed.take() {
-            return Poll::Ready(Some(Err(e)));
+            return Poll::Ready(Some(Err(*e)));
         }
         loop {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            // How many bytes to ask for when the buffer runs dry.
-            let want = match this.state {
-                State::Done => {
+            let want = match this.decoder.step(&mut conn.rd) {
+                Err(BadChunk) => return Poll::Ready(Some(Err(BodyError::BadChunk))),
+                Ok(Step::Done) => {
                     this.release();
                     return Poll::Ready(None);
                 }
-                State::Length(rem) if !conn.rd.is_empty() => {
-                    let data = Self::take(conn, rem);
-                    let rem = rem - data.len() as u64;
-                    if rem == 0 {
-                        this.state = State::Done;
+                Ok(Step::Data(data)) => {
+                    if this.decoder.is_done() {
                         this.release();
-                    } else {
-                        this.state = State::Length(rem);
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                State::ChunkData(rem) if !conn.rd.is_empty() => {
-                    let data = Self::take(conn, rem);
-                    let rem = rem - data.len() as u64;
-                    this.state = if rem == 0 {
-                        State::ChunkEnd
-                    } else {
-                        State::ChunkData(rem)
-                    };
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                Ok(Step::Trailers(map)) => {
+                    this.release();
+                    return Poll::Ready(Some(Ok(Frame::trailers(map))));
                 }
-                State::Eof if !conn.rd.is_empty() => {
-                    let data = conn.rd.split().freeze();
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                State::Length(rem) | State::ChunkData(rem) => rem,
-                State::Eof => READ_CHUNK as u64,
-                State::ChunkSize => match find(&conn.rd, b"\r\n") {
-                    Some(i) => {
-                        let size = chunk_size(&conn.rd[..i]).ok_or(BodyError::BadChunk);
-                        let size = match size {
-                            Ok(s) => s,
-                            Err(e) => return Poll::Ready(Some(Err(e))),
-                        };
-                        conn.rd.advance(i + 2);
-                        this.state = if size == 0 {
-                            State::Trailers
-                        } else {
-                            State::ChunkData(size)
-                        };
-                        continue;
-                    }
-                    None if conn.rd.len() > MAX_CHUNK_META => {
-                        return Poll::Ready(Some(Err(BodyError::BadChunk)));
-                    }
-                    None => 0,
-                },
-                State::ChunkEnd => {
-                    if conn.rd.len() >= 2 {
-                        if &conn.rd[..2] != b"\r\n" {
-                            return Poll::Ready(Some(Err(BodyError::BadChunk)));
-                        }
-                        conn.rd.advance(2);
-                        this.state = State::ChunkSize;
-                        continue;
-                    }
-                    0
-                }
-                State::Trailers => {
-                    if conn.rd.starts_with(b"\r\n") {
-                        conn.rd.advance(2);
-                        this.state = State::Done;
-                        continue;
-                    }
-                    match find(&conn.rd, b"\r\n\r\n") {
-                        Some(i) => {
-                            let Some(map) = trailers(&conn.rd[..i + 4]) else {
-                                return Poll::Ready(Some(Err(BodyError::BadChunk)));
-                            };
-                            conn.rd.advance(i + 4);
-                            this.state = State::Done;
-                            this.release();
-                            return Poll::Ready(Some(Ok(Frame::trailers(map))));
-                        }
-                        None if conn.rd.len() > MAX_CHUNK_META => {
-                            return Poll::Ready(Some(Err(BodyError::BadChunk)));
-                        }
-                        None => 0,
-                    }
-                }
+                Ok(Step::Need(want)) => want,
             };
             match poll_fill(conn, cx, want) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return this.fail(BodyError::Io(e), cx),
                 Poll::Ready(Ok(0)) => {
-                    if this.state == State::Eof {
+                    if this.decoder.at_eof() {
                         this.keep_alive = false;
-                        this.state = State::Done;
                         continue;
                     }
                     return this.fail(BodyError::Truncated, cx);
@@ -736,15 +868,11 @@ impl Body for H1Body {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.state == State::Done
+        self.decoder.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.state {
-            State::Length(n) => SizeHint::with_exact(n),
-            State::Done => SizeHint::with_exact(0),
-            _ => SizeHint::default(),
-        }
+        self.decoder.size_hint()
     }
 }
 
@@ -758,7 +886,7 @@ mod tests {
 
     fn head(raw: &str, head_request: bool) -> Result<Option<Head>, SendError> {
         let mut rd = BytesMut::from(raw.as_bytes());
-        parse_head(&mut rd, head_request, &mut Vec::new())
+        parse_head(&mut rd, head_request, false, &mut Vec::new())
     }
 
     fn framing(raw: &str) -> (Framing, bool) {
@@ -858,13 +986,64 @@ mod tests {
         let mut rd = BytesMut::from(
             &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\nx-a: b\r\n\r\nhi"[..],
         );
-        let h = parse_head(&mut rd, false, &mut Vec::new())
+        let h = parse_head(&mut rd, false, false, &mut Vec::new())
             .unwrap()
             .unwrap();
         assert_eq!(h.parts.status, StatusCode::CREATED);
         assert_eq!(h.parts.headers["x-a"], "b");
         assert!(!h.parts.headers.contains_key("link"));
         assert_eq!(&rd[..], b"hi");
+    }
+
+    #[test]
+    fn raw_fields_are_the_mapped_fields_unparsed() {
+        let raw = |s: &str| {
+            let mut rd = BytesMut::from(s.as_bytes());
+            parse_head(&mut rd, false, true, &mut Vec::new())
+                .unwrap()
+                .unwrap()
+        };
+        let fields = |h: &Head| -> Vec<(String, String)> {
+            h.raw
+                .as_ref()
+                .unwrap()
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        String::from_utf8_lossy(n).into_owned(),
+                        String::from_utf8_lossy(v).into_owned(),
+                    )
+                })
+                .collect()
+        };
+        let h = raw(
+            "HTTP/1.1 200 OK\r\nServer: up\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\nok",
+        );
+        assert!(h.parts.headers.is_empty());
+        assert_eq!(h.framing, Framing::Length(2));
+        assert!(h.keep_alive);
+        let want = [
+            ("Server", "up"),
+            ("Content-Length", "2"),
+            ("Set-Cookie", "a=1"),
+            ("Set-Cookie", "b=2"),
+        ];
+        assert_eq!(
+            fields(&h),
+            want.map(|(n, v)| (n.to_string(), v.to_string()))
+        );
+        // Chunked wins over a length, which is then left out.
+        let h = raw(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nX-A: b\r\n\r\n",
+        );
+        assert_eq!(h.framing, Framing::Chunked);
+        assert_eq!(fields(&h), [("X-A".to_string(), "b".to_string())]);
+        // `Connection` naming a field: the map (and its filter) instead.
+        let h = raw(
+            "HTTP/1.1 200 OK\r\nConnection: x-secret\r\nX-Secret: 1\r\nContent-Length: 0\r\n\r\n",
+        );
+        assert!(h.raw.is_none());
+        assert_eq!(h.parts.headers["x-secret"], "1");
     }
 
     #[test]
@@ -911,6 +1090,7 @@ mod tests {
             forwarding: None,
             body: None,
             declares_body: false,
+            raw_fields: false,
         }
     }
 

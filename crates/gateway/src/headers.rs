@@ -67,6 +67,13 @@ fn hop_by_hop() -> [&'static HeaderName; 9] {
     ]
 }
 
+/// A hop-by-hop field name, in any case.
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    hop_by_hop()
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_str().as_bytes()))
+}
+
 /// Removes hop-by-hop headers and every header named in `Connection`.
 ///
 /// One pass over the names finds which hop-by-hop headers are present; only

@@ -24,6 +24,8 @@
 //! - [`retry`]: idempotency, jittered backoff, retry budget.
 //! - [`h1`]: the gateway's HTTP/1.1 client, driven inside the request's task
 //!   (hyper's client only for streamed request bodies and upgrades).
+//! - [`h1_server`]: the gateway's HTTP/1.1 server connection (hyper's server
+//!   only for HTTP/2 over TLS).
 //! - [`pool`]: pools of upstream HTTP/1.1 connections, per worker (proxy) or per subscription (bridge).
 //! - [`h2c`]: per-worker shared HTTP/2 upstream connections.
 //! - [`tls`]: rustls termination, ALPN `h2` / `http/1.1`.
@@ -51,7 +53,7 @@
 //! | `gateway.workers` | `0` (one per core) | proxy worker threads |
 //! | `gateway.header_read_timeout` | `10s` | a client must send its header block within this (also the idle keep-alive limit) |
 //! | `gateway.max_header_bytes` | `16384` | larger header blocks get 431 |
-//! | `gateway.max_headers` | `100` | more headers get 431 |
+//! | `gateway.max_headers` | `100` | more headers get 431 (at most 256) |
 //! | `gateway.drain_timeout` | `30s` | shutdown waits this long for in-flight requests |
 //! | `gateway.access_log` | `true` | one JSON line per request on stdout |
 //! | `gateway.connect_timeout` | `1s` | default upstream connect timeout |
@@ -127,6 +129,7 @@ pub mod dashboard;
 pub mod discovery;
 pub mod edge_redis;
 pub mod h1;
+pub mod h1_server;
 pub mod h2c;
 pub mod headers;
 pub mod idempotency;

@@ -31,7 +31,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Method, Response, StatusCode};
-use hyper::body::Incoming;
 
 use crate::body::{ReqBody, ResBody};
 use crate::config::RouteConfig;
@@ -172,7 +171,7 @@ pub(crate) async fn handle(
     route: &'static RouteMatch,
     state: &'static RouteState,
     parts: Parts,
-    body: Incoming,
+    body: crate::body::ClientBody,
     fin: Finish,
     client: SocketAddr,
     start: Instant,
@@ -194,7 +193,7 @@ async fn run(
     route: &'static RouteMatch,
     state: &'static RouteState,
     parts: Parts,
-    body: Incoming,
+    body: crate::body::ClientBody,
     fin: Finish,
     client: SocketAddr,
     start: Instant,

@@ -37,6 +37,8 @@ pub enum Problem {
     IdempotencyInFlight,
     /// 422: the idempotency key was used with a different request.
     IdempotencyMismatch,
+    /// 431: the request head has too many or too large header fields.
+    HeaderFieldsTooLarge,
 }
 
 impl Problem {
@@ -55,6 +57,7 @@ impl Problem {
             Problem::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             Problem::IdempotencyInFlight => StatusCode::CONFLICT,
             Problem::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            Problem::HeaderFieldsTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
 
@@ -74,6 +77,7 @@ impl Problem {
             Problem::TooManyRequests => "/problems/rate-limited",
             Problem::IdempotencyInFlight => "/problems/idempotency-key-in-flight",
             Problem::IdempotencyMismatch => "/problems/idempotency-key-reused",
+            Problem::HeaderFieldsTooLarge => "/problems/header-fields-too-large",
         }
     }
 
@@ -93,6 +97,7 @@ impl Problem {
             Problem::TooManyRequests => "Too many requests",
             Problem::IdempotencyInFlight => "Idempotency key in flight",
             Problem::IdempotencyMismatch => "Idempotency key reused",
+            Problem::HeaderFieldsTooLarge => "Request header fields too large",
         }
     }
 }
@@ -123,7 +128,10 @@ pub fn response(
     if let Some(secs) = retry_after {
         h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
     }
-    if matches!(problem, Problem::BadRequest | Problem::RequestTimeout) {
+    if matches!(
+        problem,
+        Problem::BadRequest | Problem::RequestTimeout | Problem::HeaderFieldsTooLarge
+    ) {
         // The framing is untrustworthy (or the body unfinished): the rest of
         // the stream cannot be parsed.
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));

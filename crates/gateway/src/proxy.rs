@@ -1,7 +1,7 @@
 //! The request path, as named phases read top to bottom (after pingora's
 //! `ProxyHttp`):
 //!
-//! 1. [`Gateway::request_filter`]: framing check, `Host` and request-target
+//! 1. [`Gateway::request_filter`]: `Host` and request-target
 //!    checks (`check_target`), request id, body limit.
 //! 2. route lookup (longest prefix, method, host) — 404 when none.
 //! 3. `read_body`: buffer a small body so a retry can replay it.
@@ -29,15 +29,15 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
 use tokio::time::{sleep_until, timeout_at};
 
 use crate::access_log::{AccessLog, AccessRecord};
-use crate::body::{ReqBody, ResBody, Streamed, UpBody};
+use crate::body::{ClientBody, ReqBody, ResBody, Streamed, UpBody};
 use crate::breaker::OwnedPermit;
 use crate::config::{Protocol, RouteConfig};
 use crate::correlation;
 use crate::h1::{self, Failed, H1Body, Outgoing, SendError};
+use crate::h1_server::ClientUpgrade;
 use crate::headers::{Forwarding, IDEMPOTENCY_KEY, X_REQUEST_ID, strip_hop_by_hop};
 use crate::metrics::{AttemptOutcome, Metrics, RouteSeries};
 use crate::pool::{self, PoolConfig};
@@ -174,10 +174,6 @@ impl Finish {
 /// Per-connection facts the request path needs.
 #[derive(Debug, Default)]
 pub struct ConnInfo {
-    /// Set by the connection's reader when the current request head carried
-    /// both `Content-Length` and `Transfer-Encoding` (hyper normalises this
-    /// silently; we refuse it).
-    pub framing_conflict: AtomicBool,
     /// The client connected over TLS (`x-forwarded-proto: https`).
     pub tls: bool,
 }
@@ -219,7 +215,7 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
 /// Reads a body up to `buffer` bytes so it can be replayed; beyond that it is
 /// streamed (prefix first) and never retried.
 async fn read_body(
-    mut body: Incoming,
+    mut body: ClientBody,
     cfg: &RouteConfig,
     deadline: tokio::time::Instant,
 ) -> Result<ReqBody, BodyError> {
@@ -227,7 +223,7 @@ async fn read_body(
         return Ok(ReqBody::Empty);
     }
     let hint = body.size_hint();
-    let stream = |prefix: Option<Bytes>, rest: Incoming, seen: u64| {
+    let stream = |prefix: Option<Bytes>, rest: ClientBody, seen: u64| {
         ReqBody::Stream(Box::new(Streamed {
             prefix,
             rest,
@@ -458,27 +454,20 @@ impl Gateway {
         res
     }
 
-    /// Phase 1: returns the request id, or an early 400 with its reason.
+    /// Phase 1 (the framing was checked by the connection): returns the
+    /// request id, or an early 400 with its reason.
     fn request_filter(
         &'static self,
         parts: &http::request::Parts,
-        conn: &ConnInfo,
     ) -> (HeaderValue, Option<&'static str>) {
-        let headers = &parts.headers;
-        let request_id = correlation::request_id(headers.get(&X_REQUEST_ID));
-        if conn.framing_conflict.swap(false, Relaxed) {
-            return (
-                request_id,
-                Some("conflicting Content-Length and Transfer-Encoding"),
-            );
-        }
+        let request_id = correlation::request_id(parts.headers.get(&X_REQUEST_ID));
         (request_id, check_target(parts))
     }
 
     /// Serves one request. Never fails: every error is a problem+json response.
     pub async fn handle(
         &'static self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         client: SocketAddr,
         conn: &ConnInfo,
     ) -> Response<ResBody> {
@@ -487,7 +476,7 @@ impl Gateway {
         if parts.version == Version::HTTP_2 {
             h2_host(&mut parts);
         }
-        let (request_id, early) = self.request_filter(&parts, conn);
+        let (request_id, early) = self.request_filter(&parts);
         let method = parts.method.clone();
         if let Some(detail) = early {
             let fin = self.finish(start, None, request_id, method, conn.tls);
@@ -541,7 +530,7 @@ impl Gateway {
         route: &'static RouteMatch,
         state: &'static RouteState,
         mut parts: http::request::Parts,
-        body: Incoming,
+        body: ClientBody,
         fin: Finish,
         client: SocketAddr,
         start: Instant,
@@ -549,9 +538,10 @@ impl Gateway {
     ) -> Response<ResBody> {
         let cfg = &route.config;
         let deadline = tokio::time::Instant::from_std(start + cfg.timeout);
-        // hyper marks HTTP/1.1 requests that ask for an upgrade (WebSocket);
-        // the check reads an empty extension map for every other request.
-        if let Some(on_upgrade) = parts.extensions.remove::<OnUpgrade>() {
+        // The HTTP/1.1 server marks requests that ask for an upgrade
+        // (WebSocket); the check reads an empty extension map for every
+        // other request.
+        if let Some(on_upgrade) = parts.extensions.remove::<ClientUpgrade>() {
             return Box::pin(self.upgrade(fin, parts, on_upgrade, cfg, state, client, deadline))
                 .await;
         }
@@ -573,7 +563,7 @@ impl Gateway {
     /// the problem to answer with.
     pub(crate) async fn read_body(
         &'static self,
-        body: Incoming,
+        body: ClientBody,
         cfg: &RouteConfig,
         deadline: tokio::time::Instant,
     ) -> Result<ReqBody, (Problem, String)> {
@@ -638,6 +628,12 @@ impl Gateway {
                 .headers
                 .insert(header::TE, HeaderValue::from_static("trailers"));
         }
+
+        // The upstream's response fields can stay unparsed when nothing
+        // reads them before the HTTP/1.1 server writes them: no edge policy
+        // (CORS, idempotency and versioning look at or add to them), and not
+        // for hyper's HTTP/2 server, which takes a map.
+        let raw_fields = state.policy.is_none() && parts.version != Version::HTTP_2;
 
         // Phase 5: attempts.
         let retry_after_send =
@@ -735,6 +731,7 @@ impl Gateway {
                     cfg,
                     start,
                     attempt_deadline,
+                    raw_fields,
                 )
                 .await
             };
@@ -900,6 +897,7 @@ impl Gateway {
         cfg: &RouteConfig,
         start: Instant,
         deadline: tokio::time::Instant,
+        raw_fields: bool,
     ) -> Result<Response<UpBody>, Failure> {
         let out = Outgoing {
             method: &parts.method,
@@ -912,9 +910,10 @@ impl Gateway {
                 _ => None,
             },
             declares_body: parts.headers.contains_key(header::CONTENT_LENGTH),
+            raw_fields,
         };
         let idle = pool::take_idle(u.addr, &self.pool, start);
-        let (conn, head) =
+        let (conn, mut head) =
             match h1::exchange(idle, u.addr, cfg.connect_timeout, &out, deadline).await {
                 Ok(x) => x,
                 Err(Failed::Connect(_) | Failed::Send(SendError::NotSent)) => {
@@ -923,7 +922,8 @@ impl Gateway {
                 Err(Failed::Timeout) => return Err(Failure::Timeout),
                 Err(Failed::Send(_)) => return Err(Failure::Reset),
             };
-        let body = H1Body::new(conn, &head, self.pool, start);
+        let raw = head.raw.take();
+        let body = H1Body::new(conn, &head, self.pool, start).with_raw_fields(raw);
         Ok(Response::from_parts(head.parts, UpBody::H1(body)))
     }
 
@@ -1011,7 +1011,7 @@ impl Gateway {
         &'static self,
         mut fin: Finish,
         mut parts: http::request::Parts,
-        client_upgrade: OnUpgrade,
+        client_upgrade: ClientUpgrade,
         cfg: &RouteConfig,
         state: &'static RouteState,
         client: SocketAddr,
@@ -1116,8 +1116,8 @@ impl Gateway {
         let metrics = &self.metrics;
         metrics.upgrade_opened();
         self.upgrades.spawn(async move {
-            if let (Ok(c), Ok(up)) = tokio::join!(client_upgrade, upstream_upgrade) {
-                let mut c = hyper_util::rt::TokioIo::new(c);
+            if let (Some(c), Ok(up)) = tokio::join!(client_upgrade.connection(), upstream_upgrade) {
+                let mut c = c;
                 let mut up = hyper_util::rt::TokioIo::new(up);
                 let _ = tokio::io::copy_bidirectional(&mut c, &mut up).await;
             }

@@ -266,6 +266,8 @@ impl Pusher {
             forwarding: None,
             body: Some(&body),
             declares_body: true,
+            // Retry-After is read from the map.
+            raw_fields: false,
         };
         let idle = self.idle.take(u.addr, now);
         let (conn, head) =
