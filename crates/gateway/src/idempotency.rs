@@ -10,6 +10,9 @@
 //! - same key, same fingerprint (method, path and query, SHA-256 of the body):
 //!   the stored response, with `Idempotent-Replayed: true`;
 //! - same key while the first request is still in flight: 409;
+//! - same key, same fingerprint, but the first response was too large to
+//!   keep (see below): 409 `/problems/idempotency-response-not-kept`, and the
+//!   request is not forwarded again;
 //! - same key, different fingerprint: 422.
 //!
 //! Keys are scoped by the route (`name`, default the prefix) and, with
@@ -18,19 +21,25 @@
 //! holds fixed-size keys whatever the client sends.
 //!
 //! Not stored (the lock is released, so a repeat runs again): gateway errors
-//! and upstream 5xx, 408 and 429 (the client should retry those), and
-//! responses whose body exceeds `max_response_bytes`, by `Content-Length` or
-//! once the streamed body passes it (a warning is logged at most once per
-//! 10 s per route). Such a response still reaches the client whole, and a
-//! repeat is forwarded like a new request, `Idempotency-Key` included, so an
-//! upstream that deduplicates by key still can.
+//! and upstream 5xx, 408 and 429 (the client should retry those).
+//!
+//! Done, not kept: a response whose body exceeds `max_response_bytes`, by
+//! `Content-Length` or once the streamed body passes it, still reaches the
+//! client whole, but only a small record stays under the key (its
+//! fingerprint and the limit, for the same `ttl`; a warning is logged at most
+//! once per 10 s per route). The upstream has done the work, so a repeat with
+//! the same key and fingerprint is never forwarded again (that would be a
+//! second charge): it gets 409 whose `detail` says the request was already
+//! processed and names the limit in bytes. A different fingerprint still gets 422.
 //! A body too large to fingerprint (over `retry_buffer_bytes`) gets 413.
 //!
 //! Stores: memory (sharded maps bounded by `max_keys` entries and
 //! `max_store_bytes` of bodies; expired entries go first, then the ones
 //! closest to expiry), or Redis: `SET key L<fp> NX PX lock_ttl` takes the
 //! in-flight lock, a compare-and-set script replaces it with the response
-//! (`PX ttl`), a compare-and-delete script releases it. When Redis is
+//! (`D<fp><Stored::encode>`) or the done-not-kept record (`N<fp><limit>`,
+//! the limit a big-endian u64), both `PX ttl`, and a compare-and-delete
+//! script releases it. When Redis is
 //! unreachable the request is forwarded without idempotency protection
 //! (counted in `switchboard_gateway_idempotency_store_errors_total`, logged at most once
 //! per 10 s): the same fail-open choice as rate limits.
@@ -66,7 +75,8 @@ pub struct RawIdempotency {
     /// How long a response is kept.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
-    /// Largest response body stored.
+    /// Largest response body stored; a larger one leaves a "done, not kept"
+    /// record, so a repeat gets 409 instead of running again.
     pub max_response_bytes: usize,
     /// `memory://` or `redis://HOST:PORT`.
     pub store: String,
@@ -260,13 +270,41 @@ impl Stored {
     }
 }
 
+/// What a finished request leaves under its key.
+#[derive(Debug, Clone)]
+enum Done {
+    /// The response, replayed to a repeat.
+    Kept(Arc<Stored>),
+    /// The request ran, but its response body passed `limit` bytes (the
+    /// route's `max_response_bytes` then): nothing to replay, and a repeat
+    /// must not run again.
+    TooLarge { limit: u64 },
+}
+
+impl Done {
+    /// Bytes it counts against `max_store_bytes`.
+    fn size(&self) -> usize {
+        match self {
+            Done::Kept(s) => s.size(),
+            Done::TooLarge { .. } => 0,
+        }
+    }
+}
+
 /// The outcome of presenting a key.
 #[derive(Debug)]
 pub enum Begin {
-    /// First use: forward the request, then [`Lock::complete`] or drop.
+    /// First use: forward the request, then [`Lock::complete`],
+    /// [`Lock::too_large`] or drop.
     Proceed(Lock),
     /// Already answered: replay this.
     Replay(Arc<Stored>),
+    /// Already answered, but the response body passed `limit` bytes and was
+    /// not kept (409): the request must not be forwarded again.
+    NotKept {
+        /// The `max_response_bytes` the response passed.
+        limit: u64,
+    },
     /// The first request with this key is still running (409).
     InFlight,
     /// The key was used with a different request (422).
@@ -290,7 +328,8 @@ pub fn fingerprint(method: &Method, path_and_query: &str, body: &[u8]) -> Key {
 
 struct Entry {
     fp: Key,
-    done: Option<Arc<Stored>>,
+    /// `None` while in flight.
+    done: Option<Done>,
     expires: Instant,
 }
 
@@ -323,7 +362,8 @@ impl MemoryStore {
                 Begin::Mismatch
             } else {
                 match &e.done {
-                    Some(d) => Begin::Replay(Arc::clone(d)),
+                    Some(Done::Kept(d)) => Begin::Replay(Arc::clone(d)),
+                    Some(Done::TooLarge { limit }) => Begin::NotKept { limit: *limit },
                     None => Begin::InFlight,
                 }
             };
@@ -356,7 +396,7 @@ impl MemoryStore {
         s.map.retain(|_, e| {
             let keep = e.expires > now;
             if !keep {
-                freed += e.done.as_ref().map_or(0, |d| d.size());
+                freed += e.done.as_ref().map_or(0, Done::size);
             }
             keep
         });
@@ -371,9 +411,9 @@ impl MemoryStore {
         }
     }
 
-    fn complete(&self, key: Key, fp: Key, stored: Stored, ttl: Duration) {
+    fn complete(&self, key: Key, fp: Key, done: Done, ttl: Duration) {
         let now = Instant::now();
-        let size = stored.size();
+        let size = done.size();
         let mut s = self.shard(&key).lock();
         // Only our own lock is replaced (it may have expired and been retaken).
         if !s
@@ -390,7 +430,7 @@ impl MemoryStore {
             key,
             Entry {
                 fp,
-                done: Some(Arc::new(stored)),
+                done: Some(done),
                 expires: now + ttl,
             },
         );
@@ -478,7 +518,24 @@ impl Lock {
         let Some(owner) = self.owner.take() else {
             return;
         };
-        owner.store(self.key, self.fp, stored).await;
+        owner
+            .store(self.key, self.fp, Done::Kept(Arc::new(stored)))
+            .await;
+    }
+
+    /// Records, for the key's TTL, that the request ran but its response
+    /// body passed `max_response_bytes`: a repeat then gets 409 instead of
+    /// running again (the upstream did the work once already), and the
+    /// warning is logged at most once per 10 s.
+    pub async fn too_large(mut self) {
+        let Some(owner) = self.owner.take() else {
+            return;
+        };
+        owner.too_large_to_keep();
+        let limit = owner.config.max_response_bytes as u64;
+        owner
+            .store(self.key, self.fp, Done::TooLarge { limit })
+            .await;
     }
 
     /// Releases the key now (a repeat runs again), waiting for the store.
@@ -584,12 +641,12 @@ impl Idempotency {
     /// Notes a response not kept because its body exceeds
     /// `max_response_bytes`: logged at most once per 10 s, since a route
     /// whose responses are all that large would otherwise log every request.
-    pub fn too_large_to_keep(&self) {
+    fn too_large_to_keep(&self) {
         if self
             .too_large_log
             .allow(self.epoch, Duration::from_secs(10))
         {
-            tracing::warn!(scope = %self.config.name, limit = self.config.max_response_bytes, "idempotent response too large to keep; a repeat with its key runs again");
+            tracing::warn!(scope = %self.config.name, limit = self.config.max_response_bytes, "idempotent response too large to keep; a repeat with its key gets 409 and is not forwarded");
         }
     }
 
@@ -655,30 +712,43 @@ impl Idempotency {
                     if v.len() < 33 || v[1..33] != fp {
                         return Begin::Mismatch;
                     }
-                    if v[0] == b'L' {
-                        return Begin::InFlight;
-                    }
-                    return match Stored::decode(&v[33..]) {
-                        Some(s) => Begin::Replay(Arc::new(s)),
-                        None => {
-                            self.store_failed(&"malformed stored response");
-                            Begin::Unprotected
-                        }
+                    let decoded = match v[0] {
+                        b'L' => return Begin::InFlight,
+                        b'N' => v[33..].try_into().ok().map(|l| Begin::NotKept {
+                            limit: u64::from_be_bytes(l),
+                        }),
+                        _ => Stored::decode(&v[33..]).map(|s| Begin::Replay(Arc::new(s))),
                     };
+                    return decoded.unwrap_or_else(|| {
+                        self.store_failed(&"malformed stored response");
+                        Begin::Unprotected
+                    });
                 }
             }
         }
         Begin::Unprotected
     }
 
-    async fn store(&self, key: Key, fp: Key, stored: Stored) {
+    async fn store(&self, key: Key, fp: Key, done: Done) {
         match &self.backend {
-            Backend::Memory(m) => m.complete(key, fp, stored, self.config.ttl),
+            Backend::Memory(m) => m.complete(key, fp, done, self.config.ttl),
             Backend::Redis(r) => {
-                let mut value = Vec::with_capacity(33 + stored.body.len() + 256);
-                value.push(b'D');
-                value.extend_from_slice(&fp);
-                stored.encode(&mut value);
+                let value = match &done {
+                    Done::Kept(stored) => {
+                        let mut v = Vec::with_capacity(33 + stored.body.len() + 256);
+                        v.push(b'D');
+                        v.extend_from_slice(&fp);
+                        stored.encode(&mut v);
+                        v
+                    }
+                    Done::TooLarge { limit } => {
+                        let mut v = Vec::with_capacity(33 + 8);
+                        v.push(b'N');
+                        v.extend_from_slice(&fp);
+                        v.extend_from_slice(&limit.to_be_bytes());
+                        v
+                    }
+                };
                 let mut inv = r.complete.key(Self::redis_key(&key));
                 inv.arg(Self::lock_value(&fp))
                     .arg(value)
@@ -808,6 +878,19 @@ mod tests {
         };
         drop(lock);
         assert!(matches!(i.begin(k2, fp).await, Begin::Proceed(_)));
+        // A response too large to keep leaves a record: a repeat is refused
+        // (naming the limit), never let through again.
+        let k3 = i.scoped_key(b"k3", &HeaderMap::new());
+        let Begin::Proceed(lock) = i.begin(k3, fp).await else {
+            panic!()
+        };
+        lock.too_large().await;
+        assert!(matches!(
+            i.begin(k3, fp).await,
+            Begin::NotKept { limit: 10 }
+        ));
+        assert!(matches!(i.begin(k3, other).await, Begin::Mismatch));
+        assert_eq!(i.replayed.load(Relaxed), 1, "a refusal is not a replay");
     }
 
     #[tokio::test]

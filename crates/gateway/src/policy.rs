@@ -11,7 +11,8 @@
 //! 2. Rate limit: 429 before anything else is spent.
 //! 3. Version: the major from the header (400 when malformed).
 //! 4. Idempotency (POST/PATCH with `Idempotency-Key`): replay, 409, 422, or
-//!    forward holding the key's lock and keep the response.
+//!    forward holding the key's lock and keep the response (or, when it is
+//!    over `max_response_bytes`, a record that the request was done).
 //! 5. Every answer, forwarded or not, gets the route's CORS and deprecation headers.
 //!
 //! A [`RoutePolicy`] is built from the route's [`RouteConfig`] alone (plus a
@@ -284,6 +285,12 @@ async fn run(
         Begin::Proceed(lock) => Some(lock),
         Begin::Unprotected => None,
         Begin::Replay(stored) => return replay(gw, fin, &stored),
+        Begin::NotKept { limit } => {
+            let d = format!(
+                "a request with this Idempotency-Key was already processed; its response was larger than the {limit} bytes this route keeps (max_response_bytes), so it is neither run again nor replayed"
+            );
+            return gw.problem(fin, Problem::IdempotencyNotKept, &d, None);
+        }
         Begin::InFlight => {
             return gw.problem(
                 fin,
@@ -319,8 +326,7 @@ async fn run(
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .is_some_and(|n| n > limit as u64);
     if too_big {
-        idem.too_large_to_keep();
-        lock.release().await;
+        lock.too_large().await;
         return res;
     }
     match res.body_mut().read_prefix(limit).await {
@@ -338,10 +344,7 @@ async fn run(
             })
             .await;
         }
-        Ok((_, false)) => {
-            idem.too_large_to_keep();
-            lock.release().await;
-        }
+        Ok((_, false)) => lock.too_large().await,
         Err(_) => lock.release().await,
     }
     res

@@ -39,6 +39,18 @@ pub enum Problem {
     IdempotencyMismatch,
     /// 431: the request head has too many or too large header fields.
     HeaderFieldsTooLarge,
+    /// 409: the same request with this idempotency key was already processed,
+    /// but its response was over the route's `max_response_bytes`, so there is
+    /// nothing to replay and it must not run again.
+    ///
+    /// 409 Conflict, like [`Problem::IdempotencyInFlight`]: the request is
+    /// well formed and matches the key's first use (so not 422, which says the
+    /// client reused a key for a different request), but it conflicts with
+    /// the key's state: that request is done. Its own `type` and no
+    /// `Retry-After` tell a client it is final until the key's `ttl` ends,
+    /// unlike the in-flight 409, which is worth retrying. Not 5xx: nothing
+    /// failed, and a client or proxy that retries 5xx would only be refused again.
+    IdempotencyNotKept,
 }
 
 impl Problem {
@@ -55,7 +67,7 @@ impl Problem {
             Problem::InvalidRequest => StatusCode::BAD_REQUEST,
             Problem::CorsDenied => StatusCode::FORBIDDEN,
             Problem::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
-            Problem::IdempotencyInFlight => StatusCode::CONFLICT,
+            Problem::IdempotencyInFlight | Problem::IdempotencyNotKept => StatusCode::CONFLICT,
             Problem::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Problem::HeaderFieldsTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
@@ -78,6 +90,7 @@ impl Problem {
             Problem::IdempotencyInFlight => "/problems/idempotency-key-in-flight",
             Problem::IdempotencyMismatch => "/problems/idempotency-key-reused",
             Problem::HeaderFieldsTooLarge => "/problems/header-fields-too-large",
+            Problem::IdempotencyNotKept => "/problems/idempotency-response-not-kept",
         }
     }
 
@@ -98,6 +111,7 @@ impl Problem {
             Problem::IdempotencyInFlight => "Idempotency key in flight",
             Problem::IdempotencyMismatch => "Idempotency key reused",
             Problem::HeaderFieldsTooLarge => "Request header fields too large",
+            Problem::IdempotencyNotKept => "Already processed, response not kept",
         }
     }
 }

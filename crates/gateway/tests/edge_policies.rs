@@ -404,10 +404,12 @@ idempotency = {{ ttl = "{}s", max_response_bytes = 64, store = "{store}" }}
     )
 }
 
-/// A response over `max_response_bytes` is not kept, whether its
-/// `Content-Length` says so or its streamed body passes the limit: the client
-/// gets all of it, and a repeat is forwarded again, key included (the
-/// upstream can still deduplicate), without `Idempotent-Replayed`.
+/// A response over `max_response_bytes`, whether its `Content-Length` says
+/// so or its streamed body passes the limit, reaches the client whole but is
+/// not kept: the key records the request as done, so a repeat with the same
+/// request gets 409 naming the limit and never reaches the upstream again (no
+/// second charge). A different request with the key still gets 422, and the
+/// record ends with the key's TTL.
 async fn too_large_scenario(one: &Harness, two: &Harness, b: &Backend) {
     let before = b.hits();
     let first = post(one, "/orders", "big-1", "{\"n\":1}").await;
@@ -421,34 +423,64 @@ async fn too_large_scenario(one: &Harness, two: &Harness, b: &Backend) {
     assert!(first.headers().get("idempotent-replayed").is_none());
     let first_body: Value = first.json().await.unwrap();
     assert_eq!(first_body["path"], "/orders");
+    assert_eq!(b.hits(), before + 1);
     let again = post(two, "/orders", "big-1", "{\"n\":1}").await;
-    assert_eq!(again.status(), 200);
-    assert!(
-        again.headers().get("idempotent-replayed").is_none(),
-        "not kept, so not replayed"
+    assert_done_not_kept(again).await;
+    assert_eq!(
+        b.hits(),
+        before + 1,
+        "the repeat did not reach the upstream"
     );
-    let again_body: Value = again.json().await.unwrap();
-    assert_eq!(again_body["idempotency-key"], "big-1");
-    assert_eq!(b.hits(), before + 2, "the repeat reached the upstream");
+    let other = post(two, "/orders", "big-1", "{\"n\":2}").await;
+    assert_eq!(
+        other.status(),
+        422,
+        "a different request is still a mismatch"
+    );
+    assert_eq!(b.hits(), before + 1);
 
     // Streamed without Content-Length (30 lines, 140 bytes): the gateway reads
     // past the limit before answering, then sends what it read and the rest.
     let whole: String = (0..30).map(|i| format!("b {i}\n")).collect();
-    for h in [one, two] {
-        let res = post(h, "/stream/30", "big-2", "").await;
-        assert_eq!(res.status(), 200);
-        assert!(
-            res.headers().get("idempotent-replayed").is_none(),
-            "not kept, so not replayed"
-        );
-        assert!(res.headers().get("content-length").is_none(), "streamed");
-        assert_eq!(
-            res.text().await.unwrap(),
-            whole,
-            "whole, not cut at the limit"
-        );
-    }
-    assert_eq!(b.hits(), before + 4, "the repeat reached the upstream");
+    let res = post(one, "/stream/30", "big-2", "").await;
+    assert_eq!(res.status(), 200);
+    assert!(res.headers().get("idempotent-replayed").is_none());
+    assert!(res.headers().get("content-length").is_none(), "streamed");
+    assert_eq!(
+        res.text().await.unwrap(),
+        whole,
+        "whole, not cut at the limit"
+    );
+    assert_eq!(b.hits(), before + 2);
+    assert_done_not_kept(post(two, "/stream/30", "big-2", "").await).await;
+    assert_eq!(
+        b.hits(),
+        before + 2,
+        "the repeat did not reach the upstream"
+    );
+
+    // The record lives for the key's TTL, like a kept response.
+    tokio::time::sleep(SHORT_TTL + Duration::from_millis(1500)).await;
+    let late = post(two, "/orders", "big-1", "{\"n\":1}").await;
+    assert_eq!(late.status(), 200, "the key expired");
+    assert_eq!(b.hits(), before + 3);
+}
+
+/// The answer to a repeat whose first response was too large to keep.
+async fn assert_done_not_kept(res: reqwest::Response) {
+    assert_eq!(res.status(), 409);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+    assert!(res.headers().get("idempotent-replayed").is_none());
+    assert!(
+        res.headers().get("retry-after").is_none(),
+        "final until the TTL ends: nothing to retry"
+    );
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["type"], "/problems/idempotency-response-not-kept");
+    assert_eq!(v["status"], 409);
+    let detail = v["detail"].as_str().unwrap();
+    assert!(detail.contains("already processed"), "{detail}");
+    assert!(detail.contains("64 bytes"), "names the limit: {detail}");
 }
 
 /// Within the TTL a key replays; after it the key is new: the same request
@@ -478,7 +510,7 @@ async fn ttl_scenario(one: &Harness, two: &Harness, b: &Backend) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idempotency_responses_over_the_limit_are_not_kept_in_memory() {
+async fn idempotency_responses_over_the_limit_are_done_not_kept_in_memory() {
     let b = Backend::start("b").await;
     let h = Harness::start(&idempotent_limits_route("memory://")).await;
     h.set_instances("svc", &[b.addr]);
@@ -487,7 +519,7 @@ async fn idempotency_responses_over_the_limit_are_not_kept_in_memory() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idempotency_responses_over_the_limit_are_not_kept_on_redis() {
+async fn idempotency_responses_over_the_limit_are_done_not_kept_on_redis() {
     let Some(redis) = RedisServer::start(Persistence::None) else {
         return;
     };
