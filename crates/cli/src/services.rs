@@ -1,4 +1,8 @@
 //! `switchboard services`: lists services, instances and health as a table.
+//!
+//! LAST CHECK is [`switchboard_registry::Instance::last_seen`], the dashboard's
+//! rule: the later of the last active check and the last heartbeat, both
+//! from `GET /v1/services/{service}`.
 
 use std::time::{Duration, SystemTime};
 
@@ -51,7 +55,7 @@ async fn rows(url: &str) -> anyhow::Result<Vec<[String; 6]>> {
                     .as_ref()
                     .map_or_else(|| "-".into(), ToString::to_string),
                 i.status.to_string(),
-                i.last_check.map_or_else(|| "-".into(), |t| ago(now, t)),
+                i.last_seen().map_or_else(|| "-".into(), |t| ago(now, t)),
             ]);
         }
     }

@@ -631,7 +631,8 @@ pub fn openapi() -> serde_json::Value {
                     "id": {"type": "string"}, "service": {"type": "string"}, "address": {"type": "string"}, "port": {"type": "integer"},
                     "version": {"type": ["string", "null"]}, "status": {"enum": ["passing", "warning", "critical"]},
                     "tags": {"type": "array", "items": {"type": "string"}}, "metadata": {"type": "object"},
-                    "last_check": {"type": ["string", "null"], "format": "date-time"}}},
+                    "last_check": {"type": ["string", "null"], "format": "date-time", "description": "when the last active (HTTP or TCP) check completed"},
+                    "last_heartbeat": {"type": ["string", "null"], "format": "date-time", "description": "when this registry last accepted a heartbeat renewing the TTL check; absent from older registries"}}},
                 "ServiceView": {"type": "object", "properties": {"index": {"type": "integer"}, "instances": {"type": "array", "items": {"$ref": "#/components/schemas/Instance"}}}}
             }
         }

@@ -335,6 +335,13 @@ pub struct Instance {
     /// on every check); [`crate::Registry::snapshot`] and the HTTP API give the latest.
     #[serde(serialize_with = "ser_time")]
     pub last_check: Option<SystemTime>,
+    /// When the registry serving this view last accepted a heartbeat renewing
+    /// the instance's TTL check (RFC 3339), if any since it registered; as
+    /// [`crate::Registry::heartbeats`], so with the Redis store a heartbeat
+    /// sent to another process is not seen here. Same freshness as
+    /// `last_check`. Absent in the JSON of older registries (read as `None`).
+    #[serde(serialize_with = "ser_time")]
+    pub last_heartbeat: Option<SystemTime>,
     #[serde(skip)]
     socket_addr: Option<SocketAddr>,
 }
@@ -353,6 +360,7 @@ impl Instance {
         reg: &Registration,
         status: Status,
         last_check: Option<SystemTime>,
+        last_heartbeat: Option<SystemTime>,
     ) -> Self {
         let socket_addr = reg
             .address
@@ -369,8 +377,16 @@ impl Instance {
             tags: reg.tags.clone(),
             metadata: reg.metadata.clone(),
             last_check,
+            last_heartbeat,
             socket_addr,
         }
+    }
+
+    /// The later of [`Instance::last_check`] and [`Instance::last_heartbeat`]:
+    /// when the registry last heard the instance was alive, the "last check"
+    /// that the dashboard and `switchboard services` show.
+    pub fn last_seen(&self) -> Option<SystemTime> {
+        self.last_check.max(self.last_heartbeat)
     }
 
     /// `address:port` when the address is an IP literal; `None` for hostnames
@@ -454,15 +470,21 @@ struct InstanceWire {
     metadata: BTreeMap<String, String>,
     #[serde(default)]
     last_check: Option<String>,
+    #[serde(default)]
+    last_heartbeat: Option<String>,
 }
 
 impl<'de> Deserialize<'de> for Instance {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let w = InstanceWire::deserialize(d)?;
-        let last_check = match w.last_check {
-            Some(s) => Some(humantime::parse_rfc3339(&s).map_err(serde::de::Error::custom)?),
-            None => None,
+        let time = |t: Option<String>| match t {
+            Some(s) => humantime::parse_rfc3339(&s)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+            None => Ok(None),
         };
+        let last_check = time(w.last_check)?;
+        let last_heartbeat = time(w.last_heartbeat)?;
         let socket_addr = w
             .address
             .parse::<IpAddr>()
@@ -478,6 +500,7 @@ impl<'de> Deserialize<'de> for Instance {
             tags: w.tags,
             metadata: w.metadata,
             last_check,
+            last_heartbeat,
             socket_addr,
         })
     }
@@ -496,5 +519,39 @@ impl ServiceView {
             instances,
             passing,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_json_carries_the_last_heartbeat_and_reads_older_registries() {
+        let at = |s| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s);
+        let mut i = Instance::new(
+            "orders",
+            "o1",
+            &Registration::new("127.0.0.1", 4001),
+            Status::Passing,
+            Some(at(100)),
+            Some(at(160)),
+        );
+        let json = serde_json::to_value(&i).unwrap();
+        assert_eq!(json["last_heartbeat"], "1970-01-01T00:02:40.000Z");
+        let back: Instance = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back, i);
+        assert_eq!(i.last_seen(), Some(at(160)), "the later of the two");
+        i.last_check = Some(at(200));
+        assert_eq!(i.last_seen(), Some(at(200)));
+        i.last_heartbeat = None;
+        assert_eq!(i.last_seen(), Some(at(200)));
+
+        // A registry from before the field: no heartbeat, not an error.
+        let mut old = json;
+        old.as_object_mut().unwrap().remove("last_heartbeat");
+        let back: Instance = serde_json::from_value(old).unwrap();
+        assert_eq!(back.last_heartbeat, None);
+        assert_eq!(back.last_seen(), Some(at(100)));
     }
 }

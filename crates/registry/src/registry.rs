@@ -708,6 +708,7 @@ impl Inner {
             &e.reg,
             e.effective_status(Instant::now()),
             e.last_check,
+            e.heartbeat_at,
         ))
     }
 
@@ -827,6 +828,7 @@ impl Inner {
                     &e.reg,
                     e.effective_status(now),
                     e.last_check,
+                    e.heartbeat_at,
                 )
             })
             .collect();
