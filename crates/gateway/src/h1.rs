@@ -417,11 +417,14 @@ fn parse_head(
         let mut parts = http::Response::new(()).into_parts().0;
         parts.status = status;
         parts.version = version;
-        let fields = if raw {
-            Some(Box::new(RawFields {
+        let fields = if raw && spans.len() <= MAX_RAW_FIELDS {
+            let mut r = Box::new(RawFields {
                 head,
-                spans: std::mem::take(spans),
-            }))
+                spans: [Span::EMPTY; MAX_RAW_FIELDS],
+                len: spans.len(),
+            });
+            r.spans[..spans.len()].copy_from_slice(spans);
+            Some(r)
         } else {
             let mut headers = HeaderMap::with_capacity(spans.len());
             for s in spans.drain(..) {
@@ -466,6 +469,17 @@ pub struct Span {
     value: (u32, u32),
 }
 
+impl Span {
+    const EMPTY: Span = Span {
+        name: (0, 0),
+        value: (0, 0),
+    };
+}
+
+/// Most fields a response may have for them to stay unparsed (more go into
+/// a map): they live in one allocation with the head's handle.
+const MAX_RAW_FIELDS: usize = 32;
+
 /// A response's header fields as the upstream sent them, for a response
 /// that goes straight to an HTTP/1.1 client: the head's bytes and where
 /// each field is in them. Building an `http::HeaderMap` (a name lookup, a
@@ -475,13 +489,14 @@ pub struct Span {
 #[derive(Debug)]
 pub struct RawFields {
     head: Bytes,
-    spans: Vec<Span>,
+    spans: [Span; MAX_RAW_FIELDS],
+    len: usize,
 }
 
 impl RawFields {
     /// Each field's name and value, in order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.spans.iter().map(|s| {
+        self.spans[..self.len].iter().map(|s| {
             (
                 &self.head[s.name.0 as usize..s.name.1 as usize],
                 &self.head[s.value.0 as usize..s.value.1 as usize],
