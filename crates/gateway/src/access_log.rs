@@ -45,6 +45,14 @@ pub struct AccessRecord {
     pub complete: bool,
 }
 
+/// Per instance: (requests, summed µs). Keyed with FxHash: addresses are not
+/// attacker-chosen, and SipHash cost more than the rest of the update.
+pub(crate) type Latency = std::collections::HashMap<
+    SocketAddr,
+    (u64, u64),
+    std::hash::BuildHasherDefault<crate::pool::AddrHasher>,
+>;
+
 /// How many recent access records [`AccessRing`] keeps for the dashboard's search.
 pub const RING_CAPACITY: usize = 4096;
 
@@ -69,7 +77,7 @@ pub struct AccessRing {
 struct RingInner {
     recent: std::collections::VecDeque<RecentAccess>,
     /// Since the last [`AccessRing::take_latency`]: (requests, summed µs) per instance.
-    latency: std::collections::HashMap<SocketAddr, (u64, u64)>,
+    latency: Latency,
 }
 
 impl AccessRing {
@@ -95,7 +103,7 @@ impl AccessRing {
     }
 
     /// Per-instance (requests, summed µs) since the previous call.
-    pub fn take_latency(&self) -> std::collections::HashMap<SocketAddr, (u64, u64)> {
+    pub(crate) fn take_latency(&self) -> Latency {
         self.inner
             .lock()
             .map(|mut i| std::mem::take(&mut i.latency))
@@ -430,33 +438,15 @@ fn run(
     }
 }
 
-/// Instance addresses and their text; keyed with FxHash (addresses are not
-/// attacker-chosen, and SipHash cost more than the lookup saves).
-type AddrNames = std::collections::HashMap<
-    SocketAddr,
-    Box<str>,
-    std::hash::BuildHasherDefault<crate::pool::AddrHasher>,
->;
-
 fn emit(rec: &AccessRecord) {
     let (route, service) = rec
         .route
         .map_or(("", ""), |l| (l.route.as_str(), l.service.as_str()));
-    // The instance's address, formatted once per address (core::fmt costs
-    // more than the rest of the line).
-    thread_local! {
-        static ADDRS: std::cell::RefCell<AddrNames> = std::cell::RefCell::default();
-    }
-    ADDRS.with(|addrs| {
-        let mut addrs = addrs.borrow_mut();
-        if addrs.len() > 4096 {
-            addrs.clear();
-        }
-        let instance = rec
-            .instance
-            .map(|a| &**addrs.entry(a).or_insert_with(|| a.to_string().into()));
-        emit_with(rec, route, service, instance);
-    });
+    let mut buf = [0u8; 64];
+    let instance = rec
+        .instance
+        .map(|a| crate::headers::format_socket_addr(a, &mut buf));
+    emit_with(rec, route, service, instance);
 }
 
 fn emit_with(rec: &AccessRecord, route: &str, service: &str, instance: Option<&str>) {

@@ -237,12 +237,16 @@ enum Inner {
     Full(Option<Bytes>),
     Upstream(UpBody),
     /// An upstream body whose start was read by the gateway (idempotency
-    /// keeps a copy of it) and is sent first.
-    Prefixed {
-        prefix: Option<Bytes>,
-        trailers: Option<http::HeaderMap>,
-        rest: UpBody,
-    },
+    /// keeps a copy of it) and is sent first. Boxed: rare, and every
+    /// response is moved a few times on its way out.
+    Prefixed(Box<Prefixed>),
+}
+
+#[derive(Debug)]
+struct Prefixed {
+    prefix: Option<Bytes>,
+    trailers: Option<http::HeaderMap>,
+    rest: UpBody,
 }
 
 impl ResBody {
@@ -309,11 +313,11 @@ impl ResBody {
         let bytes = buf.freeze();
         let old = std::mem::replace(&mut self.inner, Inner::Full(None));
         if let Inner::Upstream(rest) = old {
-            self.inner = Inner::Prefixed {
+            self.inner = Inner::Prefixed(Box::new(Prefixed {
                 prefix: (!bytes.is_empty()).then(|| bytes.clone()),
                 trailers,
                 rest,
-            };
+            }));
         }
         Ok((bytes, whole))
     }
@@ -369,11 +373,12 @@ impl Body for ResBody {
         let r = match &mut this.inner {
             Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Inner::Upstream(b) => Pin::new(b).poll_frame(cx),
-            Inner::Prefixed {
-                prefix,
-                trailers,
-                rest,
-            } => {
+            Inner::Prefixed(p) => {
+                let Prefixed {
+                    prefix,
+                    trailers,
+                    rest,
+                } = &mut **p;
                 if let Some(p) = prefix.take() {
                     Poll::Ready(Some(Ok(Frame::data(p))))
                 } else if let Some(t) = trailers.take() {
@@ -396,11 +401,9 @@ impl Body for ResBody {
         match &self.inner {
             Inner::Full(b) => b.is_none(),
             Inner::Upstream(b) => b.is_end_stream(),
-            Inner::Prefixed {
-                prefix,
-                trailers,
-                rest,
-            } => prefix.is_none() && trailers.is_none() && rest.is_end_stream(),
+            Inner::Prefixed(p) => {
+                p.prefix.is_none() && p.trailers.is_none() && p.rest.is_end_stream()
+            }
         }
     }
 
@@ -408,9 +411,9 @@ impl Body for ResBody {
         match &self.inner {
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Inner::Upstream(b) => b.size_hint(),
-            Inner::Prefixed { prefix, rest, .. } => {
-                let p = prefix.as_ref().map_or(0, |b| b.len() as u64);
-                let h = rest.size_hint();
+            Inner::Prefixed(pre) => {
+                let p = pre.prefix.as_ref().map_or(0, |b| b.len() as u64);
+                let h = pre.rest.size_hint();
                 let mut out = SizeHint::new();
                 out.set_lower(h.lower() + p);
                 if let Some(u) = h.upper() {
@@ -419,5 +422,21 @@ impl Body for ResBody {
                 out
             }
         }
+    }
+}
+#[cfg(test)]
+mod tests {
+    use std::mem::size_of;
+
+    /// A response moves by value from the attempt loop to the server's
+    /// writer, five or six times: rare parts are boxed to keep those copies
+    /// small (they were 648 bytes each).
+    #[test]
+    fn responses_stay_small_to_move() {
+        let res = size_of::<http::Response<super::ResBody>>();
+        assert!(res <= 384, "Response<ResBody> is {res} bytes");
+        let up = size_of::<super::UpBody>();
+        assert!(up <= 96, "UpBody is {up} bytes");
+        assert_eq!(size_of::<crate::h1::H1Conn>(), size_of::<usize>());
     }
 }

@@ -243,6 +243,29 @@ impl Forwarding {
 
 /// Writes `ip` into `buf` (IPv4 without `core::fmt`, the common case);
 /// returns the length.
+/// `addr` as `SocketAddr`'s `Display` writes it, without `core::fmt` for
+/// IPv4 (the access log writes one per request).
+pub(crate) fn format_socket_addr(addr: std::net::SocketAddr, buf: &mut [u8; 64]) -> &str {
+    let n = match addr {
+        std::net::SocketAddr::V4(a) => {
+            let mut ip = [0u8; 48];
+            let n = format_ip(IpAddr::V4(*a.ip()), &mut ip);
+            buf[..n].copy_from_slice(&ip[..n]);
+            buf[n] = b':';
+            let mut digits = itoa::Buffer::new();
+            let port = digits.format(a.port()).as_bytes();
+            buf[n + 1..n + 1 + port.len()].copy_from_slice(port);
+            n + 1 + port.len()
+        }
+        std::net::SocketAddr::V6(_) => {
+            let mut cur = std::io::Cursor::new(&mut buf[..]);
+            let _ = write!(cur, "{addr}");
+            cur.position() as usize
+        }
+    };
+    std::str::from_utf8(&buf[..n]).unwrap_or("")
+}
+
 fn format_ip(ip: IpAddr, buf: &mut [u8; 48]) -> usize {
     match ip {
         IpAddr::V4(v4) => {
@@ -419,5 +442,14 @@ mod tests {
             !from_map.iter().any(|(n, _)| n == "tracestate"),
             "no valid traceparent: tracestate dropped"
         );
+    }
+
+    proptest::proptest! {
+        /// The access log's address text is `SocketAddr`'s own.
+        #[test]
+        fn socket_addrs_format_as_display(a in proptest::prelude::any::<std::net::SocketAddr>()) {
+            let mut buf = [0u8; 64];
+            proptest::prop_assert_eq!(format_socket_addr(a, &mut buf), a.to_string());
+        }
     }
 }
