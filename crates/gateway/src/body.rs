@@ -169,7 +169,7 @@ impl Body for ReqBody {
 
 /// A response body sent to the client: the upstream's, streamed, or one the
 /// gateway made. Dropping it completes the request's bookkeeping (pool
-/// return, metrics, access log) through its [`Finish`], which also settles
+/// return, metrics, access log) through its `Finish`, which also settles
 /// the upstream's breaker and passive health: success at a clean end, failure
 /// on an upstream body error.
 #[derive(Debug)]

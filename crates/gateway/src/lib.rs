@@ -105,7 +105,10 @@
 //!
 //! # Protocols
 //!
-//! Clients: HTTP/1.1, or with `[gateway.tls]` HTTP/1.1 and HTTP/2 over TLS.
+//! Clients: HTTP/1.1 (the gateway's own server, [`h1_server`]), or with
+//! `[gateway.tls]` HTTP/1.1 and HTTP/2 (hyper's server) over TLS. A head the
+//! server refuses (malformed, ambiguous framing, over the limits) gets a
+//! problem+json 400 or 431 and the connection is closed.
 //! Upstreams: HTTP/1.1 (pooled; requests with a buffered body go through the
 //! gateway's own client in [`h1`], streamed bodies and upgrades through
 //! hyper's) or h2c (multiplexed). gRPC works through

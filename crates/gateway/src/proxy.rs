@@ -1,11 +1,11 @@
 //! The request path, as named phases read top to bottom (after pingora's
 //! `ProxyHttp`):
 //!
-//! 1. [`Gateway::request_filter`]: `Host` and request-target
+//! 1. `Gateway::request_filter`: `Host` and request-target
 //!    checks (`check_target`), request id, body limit.
 //! 2. route lookup (longest prefix, method, host) — 404 when none.
 //! 3. `read_body`: buffer a small body so a retry can replay it.
-//! 4. [`upstream_request_filter`]: hop-by-hop removal, `x-forwarded-*`,
+//! 4. `upstream_request_filter`: hop-by-hop removal, `x-forwarded-*`,
 //!    `x-request-id`, `traceparent`, prefix rewrite.
 //! 5. the attempt loop: `upstream_peer` (balancer + breaker), connect or reuse
 //!    a pooled connection, send with per-attempt and total deadlines, classify
@@ -14,7 +14,7 @@
 //!    permit travels with the body (`Finish::verdict`) and an upstream body
 //!    error counts as a failure; a client leaving mid-body counts for nothing.
 //! 6. `response_filter`: hop-by-hop removal, echo `x-request-id`.
-//! 7. logging: when the response body ends (or the client leaves), [`Finish`]
+//! 7. logging: when the response body ends (or the client leaves), `Finish`
 //!    returns the connection to the pool and records metrics and the access log.
 
 use std::net::SocketAddr;

@@ -43,8 +43,8 @@ pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 /// `RateLimit-Policy`.
 pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 
-/// GCRA on Redis. KEYS[1]: the bucket; ARGV[1]: emission interval (µs);
-/// ARGV[2]: burst tolerance (µs, interval × burst). Returns `{1, 0}` when
+/// GCRA on Redis. `KEYS[1]`: the bucket; `ARGV[1]`: emission interval (µs);
+/// `ARGV[2]`: burst tolerance (µs, interval × burst). Returns `{1, 0}` when
 /// allowed, `{0, wait_µs}` when not. Time comes from the server so every
 /// gateway sees one clock.
 pub const GCRA_SCRIPT: &str = r"

@@ -215,7 +215,7 @@ pub struct History {
     pub routes: BTreeMap<String, BTreeMap<&'static str, Series>>,
     /// Per topic: events per second.
     pub topics: BTreeMap<String, Series>,
-    /// Per `service/instance`: mean latency (last [`INSTANCE_POINTS`] seconds).
+    /// Per `service/instance`: mean latency (last `INSTANCE_POINTS` seconds).
     pub instances: BTreeMap<String, Series>,
 }
 
