@@ -36,12 +36,22 @@ pub fn random_below(n: usize) -> usize {
     ((u128::from(random_u64()) * n as u128) >> 64) as usize
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
+/// The two lowercase hex digits of every byte value.
+static HEX2: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut t = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [HEX[i >> 4], HEX[i & 0xf]];
+        i += 1;
+    }
+    t
+};
 
-fn hex_into(out: &mut [u8], mut v: u64) {
-    for b in out.iter_mut().rev() {
-        *b = HEX[(v & 0xf) as usize];
-        v >>= 4;
+/// `v` as 16 lowercase hex digits, a byte at a time (ids are made per request).
+fn hex_into(out: &mut [u8], v: u64) {
+    for (i, pair) in out.chunks_exact_mut(2).rev().enumerate() {
+        pair.copy_from_slice(&HEX2[usize::from((v >> (8 * i)) as u8)]);
     }
 }
 
@@ -218,6 +228,14 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn ids_are_lowercase_hex_of_their_value(v in any::<u64>()) {
+            let mut out = [0u8; 16];
+            hex_into(&mut out, v);
+            let want = format!("{v:016x}");
+            prop_assert_eq!(&out[..], want.as_bytes());
+        }
+
         #[test]
         fn parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = TraceParent::parse(&bytes);
