@@ -94,9 +94,10 @@ pub(crate) trait Consumer: Send + Sync + 'static {
 
     /// Called once, at the end of a graceful shutdown: hands back what the
     /// backend still holds for this consumer in this process, so that it does
-    /// not wait for the ack wait. Most backends hold nothing.
-    fn release_held(&self) -> impl Future<Output = Result<(), BusError>> + Send {
-        std::future::ready(Ok(()))
+    /// not wait for the ack wait, and says how many deliveries that was. Most
+    /// backends hold nothing.
+    fn release_held(&self) -> impl Future<Output = Result<u64, BusError>> + Send {
+        std::future::ready(Ok(0))
     }
 
     /// Makes a failed delivery available again after `delay`.
@@ -120,7 +121,18 @@ enum Settle<T> {
     Retry(T, u32, Duration),
     DeadLetter(T, Event),
     /// Hand back without an outcome; the deliveries that count so far.
-    Release(T, u32),
+    Release(T, u32, Handback),
+}
+
+/// Why a delivery goes back to its group unhandled (the `reason` label of
+/// `switchboard_bus_handed_back_total`).
+#[derive(Clone, Copy)]
+enum Handback {
+    /// Its handler refused it with [`crate::Nack::release`] while stopping.
+    Released,
+    /// Never run: fetched after shutdown began (and, counted apart, what
+    /// [`Consumer::release_held`] hands back).
+    Held,
 }
 
 struct Ctx {
@@ -382,7 +394,7 @@ async fn runner<T: Send + Sync + Unpin + 'static>(
                     // ours to run any more, so hand it back now.
                     let done = batch
                         .into_iter()
-                        .map(|d| Settle::Release(d.token, d.attempt.saturating_sub(1)))
+                        .map(|d| Settle::Release(d.token, d.attempt.saturating_sub(1), Handback::Held))
                         .collect();
                     if settle.send(done).is_err() { return; }
                 }
@@ -441,7 +453,7 @@ fn decide<T>(ctx: &Ctx, (d, result, took): Outcome<T>) -> Settle<T> {
         // stopping, a release is retried like a failure, so a handler that
         // refuses everything cannot spin.)
         Err(failure) if failure.release && ctx.stop.is_cancelled() => {
-            Settle::Release(d.token, d.attempt.saturating_sub(1))
+            Settle::Release(d.token, d.attempt.saturating_sub(1), Handback::Released)
         }
         Err(failure) => {
             ctx.metrics.handler_error();
@@ -504,6 +516,8 @@ async fn settler<C: Consumer>(
     let backoff = io_backoff();
     let mut acks = Vec::new();
     let mut releases = Vec::new();
+    // Of `releases`, how many are `Handback::Released` and `Handback::Held`.
+    let (mut released, mut held) = (0, 0);
     let mut batch = Vec::new();
     let mut batches = Vec::new();
     while rx.recv_many(&mut batches, 64).await > 0 {
@@ -512,7 +526,13 @@ async fn settler<C: Consumer>(
         for s in batch.drain(..) {
             match s {
                 Settle::Ack(t) => acks.push(t),
-                Settle::Release(t, counted) => releases.push((t, counted)),
+                Settle::Release(t, counted, why) => {
+                    match why {
+                        Handback::Released => released += 1,
+                        Handback::Held => held += 1,
+                    }
+                    releases.push((t, counted));
+                }
                 Settle::Retry(t, attempt, delay) => {
                     if let Err(error) = consumer.retry(t, attempt, delay).await {
                         // The broker redelivers it after the ack wait anyway.
@@ -562,14 +582,25 @@ async fn settler<C: Consumer>(
                 tracing::warn!(%error, n, "handing back deliveries failed; they come back after the ack wait");
             } else {
                 tracing::debug!(topic = %ctx.topic, group = %ctx.group, n, "handed back unhandled deliveries");
+                // Counted only once the backend took them: a failed handback
+                // leaves them to the ack wait, like a crash.
+                ctx.metrics.handed_back(released, held);
+                ctx.group_stats.handed_back(released, held);
             }
+            (released, held) = (0, 0);
         }
         permits.add_permits(settled);
     }
-    if stop.is_cancelled()
-        && let Err(error) = consumer.release_held().await
-    {
-        tracing::warn!(%error, "handing back scheduled retries failed; they come back after the ack wait");
+    if stop.is_cancelled() {
+        match consumer.release_held().await {
+            Ok(held) => {
+                ctx.metrics.handed_back(0, held);
+                ctx.group_stats.handed_back(0, held);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "handing back scheduled retries failed; they come back after the ack wait");
+            }
+        }
     }
 }
 
@@ -639,9 +670,10 @@ mod tests {
             self.0.released.lock().extend(tokens);
             Ok(())
         }
-        async fn release_held(&self) -> Result<(), BusError> {
+        /// As if one failed delivery were still waiting for its backoff.
+        async fn release_held(&self) -> Result<u64, BusError> {
             self.0.released_held.store(true, Ordering::SeqCst);
-            Ok(())
+            Ok(1)
         }
         async fn retry(&self, token: u32, _attempt: u32, _delay: Duration) -> Result<(), BusError> {
             self.0.retried.lock().push(token);
@@ -652,8 +684,12 @@ mod tests {
         }
     }
 
-    fn start(script: &Arc<Script>, handler: impl Handler) -> (Subscription, Arc<Metrics>) {
+    fn start(
+        script: &Arc<Script>,
+        handler: impl Handler,
+    ) -> (Subscription, Arc<Metrics>, BusStats) {
         let metrics = Arc::new(Metrics::default());
+        let stats = BusStats::default();
         let sub = spawn(
             Scripted(Arc::clone(script)),
             "t",
@@ -661,9 +697,9 @@ mod tests {
             Arc::new(handler),
             SubscribeOptions::default().max_in_flight(4),
             Arc::clone(&metrics),
-            BusStats::default().group("t", "g"),
+            stats.group("t", "g"),
         );
-        (sub, metrics)
+        (sub, metrics, stats)
     }
 
     async fn until(what: &str, cond: impl Fn() -> bool) {
@@ -687,7 +723,7 @@ mod tests {
             r.lock().push(e.id().to_owned());
             std::future::ready(Ok::<_, HandlerError>(()))
         };
-        let (sub, _) = start(&script, handler);
+        let (sub, metrics, stats) = start(&script, handler);
         until("the first event is acked and the next fetch waits", || {
             *script.acked.lock() == [1] && script.fetches.load(Ordering::SeqCst) == 2
         })
@@ -700,6 +736,12 @@ mod tests {
         assert_eq!(*script.released.lock(), [(2, 0), (3, 1)]);
         assert!(script.retried.lock().is_empty());
         assert!(script.released_held.load(Ordering::SeqCst));
+        // Counted as held: the two fetched after the stop, and the one the
+        // consumer still held.
+        let m = metrics.snapshot();
+        assert_eq!((m.released, m.held), (0, 3), "{m:?}");
+        let g = &stats.snapshot().groups[0];
+        assert_eq!((g.released, g.held), (0, 3), "{g:?}");
     }
 
     /// `Nack::release` hands the event back when the subscription is
@@ -718,7 +760,7 @@ mod tests {
                 Err::<(), HandlerError>(crate::Nack::release("stopping").into())
             }
         };
-        let (sub, metrics) = start(&script, handler);
+        let (sub, metrics, stats) = start(&script, handler);
         until("event 1 is retried", || *script.retried.lock() == [1]).await;
         script.answer.notify_one();
         until("event 3 is retried and 2 runs", || {
@@ -730,6 +772,12 @@ mod tests {
         sub.shutdown().await;
         assert_eq!(*script.released.lock(), [(2, 0)]);
         assert!(script.acked.lock().is_empty());
-        assert_eq!(metrics.snapshot().handler_errors, 2);
+        let m = metrics.snapshot();
+        assert_eq!(m.handler_errors, 2);
+        // Only the refusal while stopping is a handback (besides the one the
+        // consumer held); the two before it were failures.
+        assert_eq!((m.released, m.held), (1, 1), "{m:?}");
+        let g = &stats.snapshot().groups[0];
+        assert_eq!((g.released, g.held), (1, 1), "{g:?}");
     }
 }

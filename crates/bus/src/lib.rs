@@ -53,7 +53,10 @@
 //!   handlers, so that is all there is. A handed-back event keeps its delivery
 //!   count, except on NATS JetStream, where the NAK that hands it back counts as
 //!   a delivery. Dropping a [`Subscription`] instead is a crash: its deliveries
-//!   come back after the ack wait.
+//!   come back after the ack wait. What goes back is counted, by reason:
+//!   `released` by its handler, `held` (never run) by the consumer
+//!   (`switchboard_bus_handed_back_total{reason}` in [`middleware::metrics`],
+//!   and per topic and group in [`stats`]).
 //! - Per-backend differences are [`Capabilities`]:
 //!
 //! | backend | URL | durable | new group replays | competing consumers | ordered per topic |

@@ -43,6 +43,8 @@ pub struct GroupCounters {
     acked: AtomicU64,
     redelivered: AtomicU64,
     dead_lettered: AtomicU64,
+    released: AtomicU64,
+    held: AtomicU64,
 }
 
 impl GroupCounters {
@@ -57,6 +59,10 @@ impl GroupCounters {
     }
     pub(crate) fn dead_lettered(&self) {
         self.dead_lettered.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn handed_back(&self, released: u64, held: u64) {
+        self.released.fetch_add(released, Relaxed);
+        self.held.fetch_add(held, Relaxed);
     }
 }
 
@@ -120,6 +126,13 @@ pub struct GroupStats {
     pub redelivered: u64,
     /// Events sent to the dead-letter topic.
     pub dead_lettered: u64,
+    /// Deliveries handed back to the group because their handler refused
+    /// them with [`crate::Nack::release`] while the subscription stopped.
+    pub released: u64,
+    /// Deliveries handed back to the group, never run, when a subscription
+    /// stopped: fetched after it began stopping, or (Redis) failed and still
+    /// waiting for their backoff.
+    pub held: u64,
     /// Events retained but not yet delivered to the group, where the backend
     /// can tell (Redis 7 `XINFO GROUPS` lag, JetStream `num_pending`, the
     /// memory log); `None` otherwise.
@@ -177,6 +190,8 @@ impl BusStats {
                         acked: AtomicU64::new(0),
                         redelivered: AtomicU64::new(0),
                         dead_lettered: AtomicU64::new(0),
+                        released: AtomicU64::new(0),
+                        held: AtomicU64::new(0),
                     })
                 }),
         )
@@ -236,6 +251,8 @@ impl BusStats {
                     acked: g.acked.load(Relaxed),
                     redelivered: g.redelivered.load(Relaxed),
                     dead_lettered: g.dead_lettered.load(Relaxed),
+                    released: g.released.load(Relaxed),
+                    held: g.held.load(Relaxed),
                     lag: None,
                 })
                 .collect(),
@@ -279,6 +296,7 @@ mod tests {
         g.delivered(3, 1);
         g.acked(2);
         g.dead_lettered();
+        g.handed_back(2, 1);
         assert!(Arc::ptr_eq(&g, &s.group("a", "g")));
         let snap = s.snapshot();
         assert!(snap.topics.is_empty() && snap.recent.is_empty());
@@ -291,6 +309,8 @@ mod tests {
                 acked: 2,
                 redelivered: 1,
                 dead_lettered: 1,
+                released: 2,
+                held: 1,
                 lag: None
             }]
         );

@@ -737,11 +737,12 @@ impl Consumer for RedisConsumer {
         Ok(())
     }
 
-    async fn release_held(&self) -> Result<(), BusError> {
+    async fn release_held(&self) -> Result<u64, BusError> {
         let held = std::mem::take(&mut self.state.lock().retries).into_vec();
         if held.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
+        let n = held.len() as u64;
         let now = Instant::now();
         let mut pipe = redis::pipe();
         for Reverse((due, id, deliveries)) in held {
@@ -758,7 +759,7 @@ impl Consumer for RedisConsumer {
             .query_async(&mut conn)
             .await
             .map_err(|e| redis_error(&e))?;
-        Ok(())
+        Ok(n)
     }
 
     async fn retry(&self, id: StreamId, attempt: u32, delay: Duration) -> Result<(), BusError> {

@@ -18,6 +18,8 @@ pub struct Metrics {
     redelivered: AtomicU64,
     dead_lettered: AtomicU64,
     handler_errors: AtomicU64,
+    released: AtomicU64,
+    held: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_ns: AtomicU64,
@@ -38,6 +40,13 @@ pub struct MetricsSnapshot {
     pub dead_lettered: u64,
     /// Handler runs that returned an error or panicked.
     pub handler_errors: u64,
+    /// Deliveries handed back to their group because their handler refused
+    /// them with [`crate::Nack::release`] while the subscription stopped.
+    pub released: u64,
+    /// Deliveries handed back to their group, never run, when the
+    /// subscription stopped: fetched after it began stopping, or (Redis)
+    /// failed and still waiting for their backoff.
+    pub held: u64,
     /// Cumulative handler latency histogram: count per bucket of [`LATENCY_BUCKETS`].
     pub latency_buckets: Vec<u64>,
     /// Handler runs measured.
@@ -65,6 +74,10 @@ impl Metrics {
     pub(crate) fn handler_error(&self) {
         self.handler_errors.fetch_add(1, Relaxed);
     }
+    pub(crate) fn handed_back(&self, released: u64, held: u64) {
+        self.released.fetch_add(released, Relaxed);
+        self.held.fetch_add(held, Relaxed);
+    }
     pub(crate) fn handler_latency(&self, d: Duration) {
         let secs = d.as_secs_f64();
         if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| secs <= b) {
@@ -85,6 +98,8 @@ impl Metrics {
             redelivered: self.redelivered.load(Relaxed),
             dead_lettered: self.dead_lettered.load(Relaxed),
             handler_errors: self.handler_errors.load(Relaxed),
+            released: self.released.load(Relaxed),
+            held: self.held.load(Relaxed),
             latency_buckets: self
                 .latency_buckets
                 .iter()
@@ -141,6 +156,14 @@ impl MetricsSnapshot {
             let _ = writeln!(out, "# TYPE switchboard_bus_{name}_total counter");
             let _ = writeln!(out, "switchboard_bus_{name}_total {value}");
         }
+        let c = "switchboard_bus_handed_back_total";
+        let _ = writeln!(
+            out,
+            "# HELP {c} Deliveries handed back to their group unhandled when a subscription stopped, by reason (released by the handler, held by the consumer)."
+        );
+        let _ = writeln!(out, "# TYPE {c} counter");
+        let _ = writeln!(out, "{c}{{reason=\"released\"}} {}", self.released);
+        let _ = writeln!(out, "{c}{{reason=\"held\"}} {}", self.held);
         let h = "switchboard_bus_handler_duration_seconds";
         let _ = writeln!(out, "# HELP {h} Handler run time.");
         let _ = writeln!(out, "# TYPE {h} histogram");
@@ -165,6 +188,7 @@ mod tests {
         m.handler_latency(Duration::from_micros(50));
         m.handler_latency(Duration::from_millis(3));
         m.handler_latency(Duration::from_secs(60));
+        m.handed_back(2, 1);
         let s = m.snapshot();
         assert_eq!(s.published, 3);
         assert_eq!(s.latency_buckets[0], 1);
@@ -178,5 +202,8 @@ mod tests {
         );
         assert!(text.contains("switchboard_bus_handler_duration_seconds_bucket{le=\"+Inf\"} 3\n"));
         assert!(text.contains("switchboard_bus_handler_duration_seconds_count 3\n"));
+        assert_eq!((s.released, s.held), (2, 1));
+        assert!(text.contains("switchboard_bus_handed_back_total{reason=\"released\"} 2\n"));
+        assert!(text.contains("switchboard_bus_handed_back_total{reason=\"held\"} 1\n"));
     }
 }

@@ -716,7 +716,8 @@ pub async fn shutdown_mid_stream_strands_nothing(f: &mut dyn Fixture) {
 
 /// Handlers running when shutdown begins that refuse with [`Nack::release`]
 /// hand their events back to the group: the next consumer gets them at once.
-/// A release does not count as a delivery, except on NATS (a NAK does).
+/// A release does not count as a delivery, except on NATS (a NAK does). The
+/// bus counts them as handed back, `released`.
 pub async fn shutdown_hands_back_released(f: &mut dyn Fixture) {
     let bus = Bus::open(&f.url()).await.unwrap();
     if !bus.capabilities().redelivery_after_crash {
@@ -739,6 +740,10 @@ pub async fn shutdown_hands_back_released(f: &mut dyn Fixture) {
         .expect("shutdown within the handback time");
     let m = bus.metrics().snapshot();
     assert_eq!((m.acked, m.handler_errors), (0, 0), "{m:?}");
+    assert_eq!((m.released, m.held), (4, 0), "{m:?}");
+    let snap = bus.stats().snapshot();
+    let g = snap.groups.iter().find(|g| g.topic == topic).unwrap();
+    assert_eq!((g.released, g.held), (4, 0), "{g:?}");
     let got = next_consumer_gets(&bus, &topic, 4).await;
     let attempt = if bus.capabilities().backend == "nats" {
         2
@@ -751,7 +756,8 @@ pub async fn shutdown_hands_back_released(f: &mut dyn Fixture) {
 
 /// A failed event whose redelivery is still waiting for its backoff when the
 /// subscription shuts down goes to the next consumer once the backoff ends,
-/// not after the ack wait (Redis keeps it in-process until then).
+/// not after the ack wait (Redis keeps it in-process until then, and counts
+/// it as handed back, `held`).
 pub async fn shutdown_hands_back_scheduled_retries(f: &mut dyn Fixture) {
     let bus = Bus::open(&f.url()).await.unwrap();
     if !bus.capabilities().redelivery_after_crash {
@@ -780,6 +786,13 @@ pub async fn shutdown_hands_back_scheduled_retries(f: &mut dyn Fixture) {
     tokio::time::timeout(HANDBACK, sub.shutdown())
         .await
         .expect("shutdown within the handback time");
+    // The other backends keep the redelivery themselves: nothing to hand back.
+    let held = u64::from(bus.capabilities().backend == "redis");
+    let m = bus.metrics().snapshot();
+    assert_eq!((m.released, m.held), (0, held), "{m:?}");
+    let snap = bus.stats().snapshot();
+    let g = snap.groups.iter().find(|g| g.topic == topic).unwrap();
+    assert_eq!((g.released, g.held), (0, held), "{g:?}");
     let got = next_consumer_gets(&bus, &topic, 1).await;
     assert_eq!(got, BTreeMap::from([("e00000".to_owned(), 2)]));
     // The backoff still holds (less a little for clocks measured apart).
