@@ -268,8 +268,10 @@ struct Entry {
     status: Status,
     last_check: Option<SystemTime>,
     last_heartbeat: Instant,
-    /// When this process last accepted a heartbeat renewing the TTL check
-    /// (wall clock, for display; the deadline uses `last_heartbeat`).
+    /// When the registry last accepted a heartbeat renewing the TTL check
+    /// (wall clock, for display; the deadline uses `last_heartbeat`). With the
+    /// Redis store, Redis's clock, and any process's heartbeat (see
+    /// [`Registry::heartbeats`]).
     heartbeat_at: Option<SystemTime>,
     passive_failures: u32,
     ejected_until: Option<Instant>,
@@ -444,25 +446,34 @@ impl Registry {
             // process (this one too) applies it from the notification. Not
             // re-read here: that waits for the mirror's lock, and slow
             // heartbeats under load would let more instances expire.
-            store.heartbeat(service, id, generation, &meta).await?;
-            // Shown as a TTL pass only once Redis has the new deadline.
+            let recorded = store.heartbeat(service, id, generation, &meta).await?;
+            // Shown as a TTL pass only once Redis has the new deadline, at the
+            // time Redis recorded (what the other processes will show too).
             let mut state = slot.state.lock();
             if let Some(e) = state.instances.get_mut(id)
                 && e.generation == generation
             {
-                e.heartbeat_at = Some(at);
+                e.heartbeat_at = e.heartbeat_at.max(Some(recorded.unwrap_or(at)));
             }
         }
         Ok(())
     }
 
-    /// When this process last accepted a heartbeat from each TTL instance of
+    /// When the registry last accepted a heartbeat from each TTL instance of
     /// `service` (wall clock), by id; instances without one since they
     /// registered are left out, and so are heartbeats of other check kinds
-    /// (they renew nothing).
+    /// (they renew nothing). Read from memory, never from the store.
     ///
-    /// With the Redis store, heartbeats sent to another process are not seen
-    /// here (they move the shared deadline without a notification).
+    /// With the Redis store, this is the latest heartbeat that any process on
+    /// the same Redis accepted, in Redis's clock (`TIME`, ms): each heartbeat
+    /// records its time in Redis, and every process reads the times recorded
+    /// since its last look with its TTL scan, without a notification per
+    /// heartbeat. A heartbeat accepted by another process shows here within
+    /// one scan interval (250 ms) plus a Redis round trip, or, for an
+    /// instance this process learned of only after that scan, within one
+    /// `resync_interval` (every full resync re-reads all the times).
+    /// Instances last heartbeated through a version without this show none
+    /// until their next heartbeat here or through a newer process.
     pub fn heartbeats(&self, service: &str) -> BTreeMap<String, SystemTime> {
         let Some(slot) = self.inner.existing_slot(service) else {
             return BTreeMap::new();
@@ -950,6 +961,30 @@ impl Inner {
             e.last_heartbeat
         };
         Some((last + ttl).saturating_duration_since(Instant::now()))
+    }
+
+    /// Moves instances' heartbeat times forward to what a shared store
+    /// recorded (never back: a time read before a newer local heartbeat is
+    /// older). Unknown instances and non-TTL ones are skipped. The views are
+    /// not rebuilt (a heartbeat is not a change of the view; snapshots read the
+    /// entries).
+    pub(crate) fn apply_heartbeats(&self, beats: Vec<(String, String, SystemTime)>) {
+        let mut slot: Option<Arc<Slot>> = None;
+        for (service, id, at) in beats {
+            if slot.as_ref().is_none_or(|s| s.name != service) {
+                slot = self.existing_slot(&service);
+            }
+            let Some(slot) = &slot else { continue };
+            let mut state = slot.state.lock();
+            if let Some(e) = state.instances.get_mut(&id)
+                && matches!(
+                    e.reg.check.as_ref().map(|c| &c.kind),
+                    Some(CheckKind::Ttl { .. })
+                )
+            {
+                e.heartbeat_at = e.heartbeat_at.max(Some(at));
+            }
+        }
     }
 
     pub(crate) fn apply_records(

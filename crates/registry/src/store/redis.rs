@@ -10,6 +10,11 @@
 //!   (`deregister_critical_after`), or absent.
 //! - `P:ttls`: HASH `{service}/{id}` -> `ttl_ms|deregister_after_ms` of every TTL
 //!   instance (the after part empty for never).
+//! - `P:beats`: ZSET `{service}/{id}` -> when a process last accepted a
+//!   heartbeat from the TTL instance (Redis `TIME`, ms), written by the
+//!   heartbeat script; removed by a new registration (a new body) and a
+//!   deregistration. Absent: no heartbeat since it registered, or last
+//!   heartbeated through an older version (shown as unknown).
 //! - `P:lease:{service}:{id}`: which process runs an active check, `SET NX PX`.
 //! - `P:epoch`: a random value created when the registry first meets an empty
 //!   Redis. A process that finds a different epoch than the one it last saw
@@ -49,6 +54,21 @@
 //! work is a few scans per second per process plus one write per change, not
 //! per instance; a dead instance turns critical within its TTL plus
 //! [`SCAN_EVERY`] plus the notification's delay, on every process.
+//!
+//! # Heartbeat times
+//! The heartbeat script also records its time in `P:beats`, without a
+//! notification (heartbeats are frequent and are not a change of the view).
+//! The first scan call of every round also reads, in the same script, the
+//! times recorded since the previous round (`ZRANGEBYSCORE` from that round's
+//! `TIME`) and moves the mirror's times forward. So
+//! [`Registry::heartbeats`](crate::Registry::heartbeats) and the instances'
+//! `last_heartbeat` on every process show a heartbeat accepted by any process
+//! within [`SCAN_EVERY`] plus a round trip, read from memory. Every full
+//! resync makes the next round read all the times again, which covers an
+//! instance a process learned of only after the round that carried its
+//! heartbeat (and a Redis clock that went back): that case is bounded by
+//! `resync_interval`. Each process reads each heartbeat about once: the cost
+//! grows with the heartbeat rate, plus the whole set once per resync.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -94,6 +114,19 @@ pub(crate) struct RedisStore {
     scan_script: redis::Script,
     /// How long a deregistration's tombstone keeps restores from bringing the instance back.
     tombstone: Duration,
+    /// Redis `TIME` (ms) of the last scan that read `P:beats`: the next one
+    /// reads the heartbeats recorded since. 0 (read them all) after every full resync.
+    beats_since: Mutex<u64>,
+}
+
+/// What one call of the scan script found.
+pub(crate) struct Scan {
+    /// Expired deadlines handled.
+    due: usize,
+    /// Redis `TIME` (ms) when the script ran.
+    now: u64,
+    /// Heartbeats recorded since the given time: service, id, when.
+    beats: Vec<(String, String, SystemTime)>,
 }
 
 /// An instance as stored in `P:svc:{service}`.
@@ -195,6 +228,7 @@ impl RedisStore {
                   return 0",
             ),
             tombstone: (opts.resync_interval * 10).max(Duration::from_secs(60)),
+            beats_since: Mutex::new(0),
             status_script: redis::Script::new(
                 r"local cur = redis.call('HGET', KEYS[1], ARGV[1])
                   if not cur then return 0 end
@@ -216,6 +250,7 @@ impl RedisStore {
                   redis.call('DEL', KEYS[3], KEYS[4])
                   redis.call('ZREM', KEYS[7], ARGV[5])
                   redis.call('HDEL', KEYS[8], ARGV[5])
+                  redis.call('ZREM', KEYS[9], ARGV[5])
                   redis.call('SET', KEYS[6], '1', 'PX', ARGV[4])
                   redis.call('PUBLISH', KEYS[5], ARGV[3])
                   return n",
@@ -248,6 +283,7 @@ impl RedisStore {
                   redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
                   redis.call('SADD', KEYS[3], ARGV[4])
                   redis.call('DEL', KEYS[4], KEYS[5])
+                  redis.call('ZREM', KEYS[9], ARGV[7])
                   if ARGV[5] ~= '' then
                     local t = redis.call('TIME')
                     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -267,7 +303,7 @@ impl RedisStore {
                   if cur then gen, status, last = string.match(cur, '^([^|]*)|([^|]*)|(.*)$') end
                   if not meta then
                     -- written by an older version (or lost): only for the generation we know
-                    if gen ~= ARGV[4] or redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+                    if gen ~= ARGV[4] or redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return {0, 0} end
                     meta = ARGV[5]
                     redis.call('HSET', KEYS[3], ARGV[2], meta)
                   end
@@ -275,12 +311,13 @@ impl RedisStore {
                   local t = redis.call('TIME')
                   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
                   redis.call('ZADD', KEYS[4], now + ttl, ARGV[2])
+                  redis.call('ZADD', KEYS[6], now, ARGV[2])
                   if gen and status == 'critical' then
                     redis.call('HSET', KEYS[2], ARGV[1], gen .. '|passing|' .. last)
                     redis.call('PUBLISH', KEYS[5], ARGV[3])
-                    return 2
+                    return {2, now}
                   end
-                  return 1",
+                  return {1, now}",
             ),
             // Touches the status, registration and tombstone keys of the
             // instances it finds (built from the prefix): fine on one Redis,
@@ -291,6 +328,10 @@ impl RedisStore {
                   local t = redis.call('TIME')
                   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
                   local due = redis.call('ZRANGEBYSCORE', dl, '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
+                  local beats = {}
+                  if ARGV[4] ~= '' then
+                    beats = redis.call('ZRANGEBYSCORE', KEYS[4], ARGV[4], '+inf', 'WITHSCORES')
+                  end
                   local changed = {}
                   for _, m in ipairs(due) do
                     local svc, id = string.match(m, '^([^/]*)/(.*)$')
@@ -314,6 +355,7 @@ impl RedisStore {
                         redis.call('HDEL', st, id)
                         redis.call('ZREM', dl, m)
                         redis.call('HDEL', meta_key, m)
+                        redis.call('ZREM', KEYS[4], m)
                         redis.call('SET', p .. ':gone:' .. svc .. ':' .. id, '1', 'PX', ARGV[2])
                         changed[svc] = true
                       else
@@ -322,7 +364,7 @@ impl RedisStore {
                     end
                   end
                   for svc, _ in pairs(changed) do redis.call('PUBLISH', KEYS[3], svc) end
-                  return #due",
+                  return {#due, now, beats}",
             ),
         })
     }
@@ -350,7 +392,10 @@ impl RedisStore {
     fn k_ttls(&self) -> String {
         format!("{}:ttls", self.prefix)
     }
-    /// The member of an instance in `P:deadlines` and `P:ttls` (`/` is in neither name).
+    fn k_beats(&self) -> String {
+        format!("{}:beats", self.prefix)
+    }
+    /// The member of an instance in `P:deadlines`, `P:ttls` and `P:beats` (`/` is in neither name).
     fn member(service: &str, id: &str) -> String {
         format!("{service}/{id}")
     }
@@ -417,6 +462,7 @@ impl RedisStore {
             .key(self.channel())
             .key(self.k_ttls())
             .key(self.k_deadlines())
+            .key(self.k_beats())
             .arg(id)
             .arg(Self::stored_json(known)?)
             .arg(status_value(
@@ -507,6 +553,7 @@ impl RedisStore {
             .key(self.k_gone(service, id))
             .key(self.k_deadlines())
             .key(self.k_ttls())
+            .key(self.k_beats())
             .arg(id)
             .arg(generation.map(|g| g.to_string()).unwrap_or_default())
             .arg(service)
@@ -561,41 +608,84 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Renews a TTL heartbeat: moves the deadline, and turns a critical
-    /// instance passing (announced).
+    /// Renews a TTL heartbeat: moves the deadline, records the heartbeat's
+    /// time in `P:beats` (not announced), and turns a critical instance
+    /// passing (announced). Returns the recorded time (Redis `TIME`), `None`
+    /// when Redis does not hold the instance.
     pub(crate) async fn heartbeat(
         &self,
         service: &str,
         id: &str,
         generation: u64,
         meta: &str,
-    ) -> Result<(), RegistryError> {
+    ) -> Result<Option<SystemTime>, RegistryError> {
         let mut inv = self.heartbeat_script.prepare_invoke();
         inv.key(self.k_svc(service))
             .key(self.k_status(service))
             .key(self.k_ttls())
             .key(self.k_deadlines())
             .key(self.channel())
+            .key(self.k_beats())
             .arg(id)
             .arg(Self::member(service, id))
             .arg(service)
             .arg(generation.to_string())
             .arg(meta);
-        let _: i64 = bounded(inv.invoke_async(&mut self.conn())).await?;
-        Ok(())
+        let (code, at): (i64, u64) = bounded(inv.invoke_async(&mut self.conn())).await?;
+        Ok((code > 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_millis(at)))
     }
 
-    /// Handles every expired TTL deadline (see the module docs); returns how many were due.
-    pub(crate) async fn scan_expired(&self) -> Result<usize, RegistryError> {
+    /// Handles every expired TTL deadline (see the module docs). With
+    /// `beats_since` (Redis `TIME`, ms), also reads the heartbeat times
+    /// recorded since then, in the same call.
+    pub(crate) async fn scan_expired(
+        &self,
+        beats_since: Option<u64>,
+    ) -> Result<Scan, RegistryError> {
         let mut inv = self.scan_script.prepare_invoke();
         inv.key(self.k_deadlines())
             .key(self.k_ttls())
             .key(self.channel())
+            .key(self.k_beats())
             .arg(&self.prefix)
             .arg(millis_u64(self.tombstone).max(1))
-            .arg(SCAN_BATCH);
-        let n: i64 = bounded(inv.invoke_async(&mut self.conn())).await?;
-        Ok(usize::try_from(n).unwrap_or(0))
+            .arg(SCAN_BATCH)
+            .arg(beats_since.map(|ms| ms.to_string()).unwrap_or_default());
+        let (due, now, flat): (i64, u64, Vec<String>) =
+            bounded(inv.invoke_async(&mut self.conn())).await?;
+        let beats = flat
+            .chunks_exact(2)
+            .filter_map(|pair| {
+                let (service, id) = pair[0].split_once('/')?;
+                // Scores are whole milliseconds; Redis may print them as floats.
+                let ms = pair[1].parse::<f64>().ok()?;
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let at = SystemTime::UNIX_EPOCH + Duration::from_millis(ms.max(0.0) as u64);
+                Some((service.to_owned(), id.to_owned(), at))
+            })
+            .collect();
+        Ok(Scan {
+            due: usize::try_from(due).unwrap_or(0),
+            now,
+            beats,
+        })
+    }
+
+    /// Scans expired deadlines and, on the first call of a round, applies the
+    /// heartbeats recorded since the previous round to the mirror; returns
+    /// how many deadlines were due.
+    async fn scan_round(&self, inner: &Inner, first: bool) -> Result<usize, RegistryError> {
+        if !first {
+            return Ok(self.scan_expired(None).await?.due);
+        }
+        // Held from the read to the cursor's move: a full resync resets the
+        // cursor under it, so that reset is never overwritten by an older scan.
+        let _sync = self.sync.lock().await;
+        let since = *self.beats_since.lock();
+        let scan = self.scan_expired(Some(since)).await?;
+        inner.apply_heartbeats(scan.beats);
+        *self.beats_since.lock() = scan.now;
+        Ok(scan.due)
     }
 
     /// Acquires or renews the lease on an instance's check.
@@ -754,6 +844,11 @@ impl RedisStore {
         for service in all {
             self.resync_service(inner, &service).await?;
         }
+        // The next scan re-reads every heartbeat time: one this process missed
+        // (it did not know the instance yet, or Redis's clock went back) shows
+        // up within a resync interval.
+        let _sync = self.sync.lock().await;
+        *self.beats_since.lock() = 0;
         Ok(())
     }
 }
@@ -799,8 +894,11 @@ pub(crate) async fn start(registry: &Registry) -> Result<(), RegistryError> {
                 return;
             };
             // A full batch: more are due, scan again at once.
+            let mut first = true;
             loop {
-                match store.scan_expired().await {
+                let round = store.scan_round(&inner, first).await;
+                first = false;
+                match round {
                     Ok(n) if n >= SCAN_BATCH => {}
                     Ok(_) => break,
                     Err(error) => {
