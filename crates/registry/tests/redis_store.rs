@@ -558,3 +558,85 @@ async fn a_dead_ttl_instance_is_deregistered_after_its_critical_time_everywhere(
         .unwrap();
     assert!(gone, "no tombstone for the deregistered instance");
 }
+
+/// Polls `r.heartbeats(service)` until it has `id` at `at` or later; panics after `within`.
+async fn heartbeat_seen(
+    r: &Registry,
+    service: &str,
+    id: &str,
+    at: std::time::SystemTime,
+    within: Duration,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        if r.heartbeats(service).get(id).is_some_and(|&t| t >= at) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "heartbeat of {service}/{id} at {at:?} not seen in {within:?}: {:?}",
+            r.heartbeats(service)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_through_one_registry_shows_in_the_others() {
+    let Some(redis) = RedisServer::start(Persistence::None) else {
+        return;
+    };
+    // A resync far away: what is tested is the scan's pick-up, not the resync's.
+    let slow = RegistryOptions::default().resync_interval(Duration::from_secs(60));
+    let a = Registry::open(&redis.url(), slow.clone()).await.unwrap();
+    let b = Registry::open(&redis.url(), slow.clone()).await.unwrap();
+    let ttl =
+        || Registration::new("127.0.0.1", 4500).check(CheckSpec::ttl(Duration::from_secs(30)));
+    a.register("beats", "b1", ttl()).await.unwrap();
+    a.register("beats", "b2", ttl()).await.unwrap();
+    until(&b, "beats", 3, |v| v.instances.len() == 2).await;
+
+    // Redis's clock counts whole milliseconds.
+    let before = std::time::SystemTime::now() - Duration::from_millis(1);
+    a.heartbeat("beats", "b1").await.unwrap();
+    let at = a.heartbeats("beats")["b1"];
+    assert!(at >= before, "{at:?} < {before:?}");
+    // documented: one scan (250 ms) plus a round trip; slack for a loaded machine
+    let took = heartbeat_seen(&b, "beats", "b1", at, Duration::from_secs(1)).await;
+    assert!(took < Duration::from_secs(1), "seen after {took:?}");
+    // the same time on both, and in the HTTP API's instance (`last_heartbeat`)
+    assert_eq!(b.heartbeats("beats")["b1"], at);
+    let shown = b.snapshot("beats");
+    let b1 = shown.instances.iter().find(|i| i.id == "b1").unwrap();
+    assert_eq!(b1.last_heartbeat, Some(at));
+    // never heartbeated: unknown everywhere
+    assert!(!a.heartbeats("beats").contains_key("b2"));
+    assert!(!b.heartbeats("beats").contains_key("b2"));
+
+    // a later heartbeat through B moves A forward
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    b.heartbeat("beats", "b1").await.unwrap();
+    let later = b.heartbeats("beats")["b1"];
+    assert!(later > at);
+    heartbeat_seen(&a, "beats", "b1", later, Duration::from_secs(1)).await;
+
+    // a process started afterwards reads every recorded time
+    let c = Registry::open(&redis.url(), slow).await.unwrap();
+    heartbeat_seen(&c, "beats", "b1", later, Duration::from_secs(1)).await;
+    assert!(!c.heartbeats("beats").contains_key("b2"));
+
+    // a new registration body is a new instance: no heartbeat yet, anywhere
+    a.register("beats", "b1", ttl().tag("v2")).await.unwrap();
+    until(&b, "beats", 3, |v| {
+        v.instances.iter().any(|i| i.id == "b1" && i.tags == ["v2"])
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for r in [&a, &b, &c] {
+        assert!(
+            r.heartbeats("beats").is_empty(),
+            "{:?}",
+            r.heartbeats("beats")
+        );
+    }
+}
