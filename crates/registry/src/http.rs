@@ -632,7 +632,7 @@ pub fn openapi() -> serde_json::Value {
                     "version": {"type": ["string", "null"]}, "status": {"enum": ["passing", "warning", "critical"]},
                     "tags": {"type": "array", "items": {"type": "string"}}, "metadata": {"type": "object"},
                     "last_check": {"type": ["string", "null"], "format": "date-time", "description": "when the last active (HTTP or TCP) check completed"},
-                    "last_heartbeat": {"type": ["string", "null"], "format": "date-time", "description": "when this registry last accepted a heartbeat renewing the TTL check; absent from older registries"}}},
+                    "last_heartbeat": {"type": ["string", "null"], "format": "date-time", "description": "when the registry last accepted a heartbeat renewing the TTL check (with a shared Redis store: through any registry process on it, seen within about 250 ms, at worst one resync interval); absent from older registries"}}},
                 "ServiceView": {"type": "object", "properties": {"index": {"type": "integer"}, "instances": {"type": "array", "items": {"$ref": "#/components/schemas/Instance"}}}}
             }
         }

@@ -335,10 +335,11 @@ pub struct Instance {
     /// on every check); [`crate::Registry::snapshot`] and the HTTP API give the latest.
     #[serde(serialize_with = "ser_time")]
     pub last_check: Option<SystemTime>,
-    /// When the registry serving this view last accepted a heartbeat renewing
-    /// the instance's TTL check (RFC 3339), if any since it registered; as
-    /// [`crate::Registry::heartbeats`], so with the Redis store a heartbeat
-    /// sent to another process is not seen here. Same freshness as
+    /// When the registry last accepted a heartbeat renewing the instance's
+    /// TTL check (RFC 3339), if any since it registered; as
+    /// [`crate::Registry::heartbeats`], so with the Redis store the latest
+    /// heartbeat any process on that Redis accepted, seen within a TTL scan
+    /// (250 ms) or at worst one resync interval. Same freshness as
     /// `last_check`. Absent in the JSON of older registries (read as `None`).
     #[serde(serialize_with = "ser_time")]
     pub last_heartbeat: Option<SystemTime>,
