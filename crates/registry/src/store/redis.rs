@@ -14,7 +14,9 @@
 //!   heartbeat from the TTL instance (Redis `TIME`, ms), written by the
 //!   heartbeat script; removed by a new registration (a new body) and a
 //!   deregistration. Absent: no heartbeat since it registered, or last
-//!   heartbeated through an older version (shown as unknown).
+//!   heartbeated through an older version (shown as unknown). Older versions
+//!   do not remove it either: while they run, an instance re-registered
+//!   through one may show the previous body's last heartbeat.
 //! - `P:lease:{service}:{id}`: which process runs an active check, `SET NX PX`.
 //! - `P:epoch`: a random value created when the registry first meets an empty
 //!   Redis. A process that finds a different epoch than the one it last saw
@@ -679,7 +681,10 @@ impl RedisStore {
             return Ok(self.scan_expired(None).await?.due);
         }
         // Held from the read to the cursor's move: a full resync resets the
-        // cursor under it, so that reset is never overwritten by an older scan.
+        // cursor under it, so that reset is never overwritten by an older
+        // scan, and a time read before a re-registration (which removes it)
+        // is applied before the mirror learns of the new registration, never
+        // onto it.
         let _sync = self.sync.lock().await;
         let since = *self.beats_since.lock();
         let scan = self.scan_expired(Some(since)).await?;
