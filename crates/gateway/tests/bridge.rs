@@ -422,6 +422,13 @@ async fn publishes_structured_binary_and_batch() {
     ] {
         assert!(m.contains(line), "missing {line}");
     }
+    // The bus's own counters are on the same page.
+    let published: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("switchboard_bus_published_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no switchboard_bus_published_total in {m}"));
+    assert!(published >= 6, "bus published {published}");
     tap_sub.shutdown().await;
     h.stop().await;
 }

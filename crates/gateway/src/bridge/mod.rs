@@ -302,7 +302,11 @@ impl Bridge {
     /// The bridge's Prometheus families.
     pub fn metrics_text(&self) -> String {
         let stats = self.inner.stats.lock().clone();
-        metrics::render(&self.inner.metrics, &stats)
+        let mut text = metrics::render(&self.inner.metrics, &stats);
+        // The bus's own counters (`switchboard_bus_*`): the admin listener is
+        // where the gateway process's bus is observed.
+        text.push_str(&self.inner.bus.metrics().render_prometheus());
+        text
     }
 
     async fn spawn(
