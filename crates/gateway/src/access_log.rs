@@ -450,8 +450,11 @@ fn emit(rec: &AccessRecord) {
 }
 
 fn emit_with(rec: &AccessRecord, route: &str, service: &str, instance: Option<&str>) {
+    // `message` as a `&str` field: a format string would be recorded
+    // through `Debug` and `core::fmt` on every line.
     tracing::info!(
         target: TARGET,
+        message = "request",
         request_id = rec.request_id.to_str().unwrap_or(""),
         method = rec.method.as_str(),
         route,
@@ -461,7 +464,6 @@ fn emit_with(rec: &AccessRecord, route: &str, service: &str, instance: Option<&s
         duration_us = rec.duration.as_micros() as u64,
         attempts = rec.attempts,
         complete = rec.complete,
-        "request"
     );
 }
 
