@@ -641,8 +641,13 @@ impl Registry {
     }
 }
 
-/// Jitter in `[0, interval)` derived from the instance identity and a per-process
-/// random seed, so 10,000 checks do not fire in the same millisecond.
+/// Jitter derived from the instance identity and a per-process random seed,
+/// so 10,000 checks do not fire in the same millisecond. It stays at least
+/// 2 ms (the timer's resolution, with rounding) away from a whole number of
+/// intervals, so a check never shares a timer tick with a deadline set a
+/// whole number of intervals after the registration: with a paused clock
+/// (the registry's tests) which of the two ran first was left to chance,
+/// about once in a thousand runs.
 fn jitter(service: &str, id: &str, interval: Duration) -> Duration {
     static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> =
         std::sync::OnceLock::new();
@@ -652,7 +657,12 @@ fn jitter(service: &str, id: &str, interval: Duration) -> Duration {
     let nanos = u64::try_from(interval.as_nanos())
         .unwrap_or(u64::MAX)
         .max(1);
-    Duration::from_nanos(h % nanos)
+    const EDGE: u64 = 2_000_000;
+    if nanos > 4 * EDGE {
+        Duration::from_nanos(EDGE + h % (nanos - 2 * EDGE))
+    } else {
+        Duration::from_nanos(h % nanos)
+    }
 }
 
 impl Inner {
@@ -1196,5 +1206,24 @@ impl Inner {
             .instances
             .get(id)
             .is_some_and(|e| e.last_check.is_none())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::jitter;
+    use proptest::prelude::*;
+    use std::time::Duration;
+
+    proptest! {
+        /// A first check never lands within 2 ms of a whole number of
+        /// intervals (the timer rounds up to the millisecond).
+        #[test]
+        fn jitter_keeps_off_whole_intervals(service in "[a-z]{1,8}", id in "[a-z0-9]{1,8}", ms in 9u64..100_000) {
+            let interval = Duration::from_millis(ms);
+            let j = jitter(&service, &id, interval);
+            prop_assert!(j >= Duration::from_millis(2), "{j:?}");
+            prop_assert!(j + Duration::from_millis(2) <= interval, "{j:?} of {interval:?}");
+        }
     }
 }
