@@ -1,0 +1,402 @@
+//! What clients see of the gateway's own HTTP/1.1 server (`h1_server`), byte
+//! for byte: raw `TcpStream` clients against a real gateway whose upstream
+//! is a raw stub on 127.0.0.1:0. Persistence and pipelining, HTTP/1.0
+//! clients, `Expect: 100-continue`, responses without a body, bodies of
+//! unknown length, upgrades and graceful shutdown (RFC 9112, RFC 9110).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::{Harness, service};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The stub upstream: reads each request (head, then a `Content-Length`
+/// body), keeps its head, and answers by path. `/chunked`: a chunked body
+/// with a trailer; `/204`, `/304`: no body (with a `Content-Length`);
+/// `/slow`: 300 ms late; an `Upgrade` request: `101`, then it echoes bytes;
+/// anything else: the path as the body, with `x-path` and `x-body-len`
+/// (no body for `HEAD`). No response carries a `Date`.
+struct Upstream {
+    addr: SocketAddr,
+    heads: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let h = heads.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(upstream_conn(s, h.clone()));
+            }
+        });
+        Upstream { addr, heads, task }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn upstream_conn(mut s: TcpStream, heads: Arc<Mutex<Vec<String>>>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let end = loop {
+            if let Some(i) = find(&buf, b"\r\n\r\n") {
+                break i + 4;
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let len: usize = header_of(&head, "content-length").map_or(0, |v| v.parse().unwrap());
+        while buf.len() < end + len {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..end + len);
+        heads.lock().unwrap().push(head.clone());
+        let mut words = head.split(' ');
+        let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or("/"));
+        if header_of(&head, "upgrade").is_some() {
+            let _ = s
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
+                .await;
+            let (mut r, mut w) = s.split();
+            let _ = w.write_all(&buf).await;
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            return;
+        }
+        let res = match path {
+            "/chunked" => "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-trailer\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n".to_owned(),
+            "/204" => "HTTP/1.1 204 No Content\r\ncontent-length: 0\r\nx-path: /204\r\n\r\n".to_owned(),
+            "/304" => "HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\nx-path: /304\r\n\r\n".to_owned(),
+            _ => {
+                if path == "/slow" {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                let body = if method == "head" { "" } else { path };
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nx-path: {path}\r\nx-body-len: {len}\r\n\r\n{body}",
+                    path.len()
+                )
+            }
+        };
+        if s.write_all(res.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A field's value in a lower-cased head.
+fn header_of<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// One response as it came over the wire.
+#[derive(Debug)]
+struct Res {
+    status: u16,
+    /// Lower-cased names.
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    trailers: Vec<(String, String)>,
+}
+
+impl Res {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn body(&self) -> &str {
+        std::str::from_utf8(&self.body).unwrap()
+    }
+}
+
+/// A raw client connection that reads responses as RFC 9112 §6.3 frames
+/// them.
+struct Client {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    async fn connect(h: &Harness) -> Client {
+        Client {
+            s: TcpStream::connect(h.gw.listen()).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &str) {
+        self.s.write_all(bytes.as_bytes()).await.unwrap();
+    }
+
+    /// More bytes into the buffer; false at the end of the stream.
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 4096];
+        let read = tokio::time::timeout(Duration::from_secs(5), self.s.read(&mut chunk));
+        match read.await.expect("no response within 5 s") {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+        }
+    }
+
+    /// The next response; `head` when it answers a `HEAD` request.
+    async fn response(&mut self, head: bool) -> Res {
+        let (status, headers) = loop {
+            let mut fields = [httparse::EMPTY_HEADER; 32];
+            let mut r = httparse::Response::new(&mut fields);
+            if let httparse::Status::Complete(n) = r.parse(&self.buf).unwrap() {
+                let headers = r
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        let v = String::from_utf8(h.value.to_vec()).unwrap();
+                        (h.name.to_ascii_lowercase(), v)
+                    })
+                    .collect();
+                let status = r.code.unwrap();
+                self.buf.drain(..n);
+                break (status, headers);
+            }
+            assert!(self.fill().await, "closed before a response head");
+        };
+        let mut res = Res {
+            status,
+            headers,
+            body: Vec::new(),
+            trailers: Vec::new(),
+        };
+        if head || matches!(status, 100..=199 | 204 | 304) {
+            return res;
+        }
+        if let Some(n) = res.header("content-length") {
+            let n: usize = n.parse().unwrap();
+            while self.buf.len() < n {
+                assert!(self.fill().await, "body shorter than its length");
+            }
+            res.body = self.buf.drain(..n).collect();
+        } else if res.header("transfer-encoding").is_some() {
+            assert_eq!(res.header("transfer-encoding"), Some("chunked"));
+            self.chunked(&mut res).await;
+        } else {
+            while self.fill().await {}
+            res.body = std::mem::take(&mut self.buf);
+        }
+        res
+    }
+
+    async fn line(&mut self) -> String {
+        loop {
+            if let Some(i) = find(&self.buf, b"\r\n") {
+                let line = String::from_utf8(self.buf.drain(..i + 2).collect()).unwrap();
+                return line.trim_end().to_owned();
+            }
+            assert!(self.fill().await, "chunked body cut short");
+        }
+    }
+
+    async fn chunked(&mut self, res: &mut Res) {
+        loop {
+            let size = usize::from_str_radix(&self.line().await, 16).unwrap();
+            if size == 0 {
+                break;
+            }
+            while self.buf.len() < size + 2 {
+                assert!(self.fill().await, "chunk cut short");
+            }
+            res.body.extend(self.buf.drain(..size));
+            assert_eq!(self.buf.drain(..2).collect::<Vec<_>>(), b"\r\n");
+        }
+        loop {
+            let line = self.line().await;
+            let Some((name, value)) = line.split_once(':') else {
+                assert!(line.is_empty(), "{line:?}");
+                return;
+            };
+            res.trailers
+                .push((name.to_ascii_lowercase(), value.trim().to_owned()));
+        }
+    }
+
+    /// The gateway closed the connection with nothing more to say.
+    async fn closed(&mut self) -> bool {
+        !self.fill().await && self.buf.is_empty()
+    }
+}
+
+fn get(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")
+}
+
+async fn gateway(up: &Upstream) -> Harness {
+    let cfg = format!(
+        "{}[[routes]]\nprefix = \"/\"\nservice = \"s\"\ntimeout = \"2s\"\n",
+        service("s", &[up.addr])
+    );
+    Harness::start_with(&cfg, "access_log = false\nworkers = 1").await
+}
+
+/// Requests sent in one write are answered in order on one connection; a
+/// `HEAD`, a 204 and a 304 among them keep the stream in step: no body
+/// bytes, the upstream's length kept for `HEAD` and 304 and dropped for
+/// 204 (RFC 9110 §8.6).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order_and_bodiless_responses_keep_step() {
+    let up = Upstream::start().await;
+    let h = gateway(&up).await;
+    let mut c = Client::connect(&h).await;
+    let head = "HEAD /head HTTP/1.1\r\nHost: x\r\n\r\n";
+    c.send(&[get("/a"), head.into(), get("/204"), get("/304"), get("/b")].concat())
+        .await;
+    let a = c.response(false).await;
+    assert_eq!((a.status, a.body()), (200, "/a"));
+    let r = c.response(true).await;
+    assert_eq!((r.status, r.header("x-path")), (200, Some("/head")));
+    assert_eq!(
+        r.header("content-length"),
+        Some("5"),
+        "HEAD keeps the length"
+    );
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.header("content-length")), (204, None));
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.header("content-length")), (304, Some("5")));
+    let b = c.response(false).await;
+    assert_eq!(
+        (b.status, b.body()),
+        (200, "/b"),
+        "no stray body bytes before it"
+    );
+    assert_eq!(up.heads.lock().unwrap().len(), 5);
+    h.gw.shutdown().await;
+}
+
+/// A body of unknown length (the upstream's is chunked) reaches an
+/// HTTP/1.1 client chunked, trailer included, on a connection that stays
+/// open; an HTTP/1.0 client gets it delimited by the close. HTTP/1.0
+/// connections persist only when asked (`Connection: keep-alive`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_lengths_are_chunked_for_http11_and_closed_for_http10() {
+    let up = Upstream::start().await;
+    let h = gateway(&up).await;
+    let mut c = Client::connect(&h).await;
+    c.send(&get("/chunked")).await;
+    let r = c.response(false).await;
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"), "{r:?}");
+    assert_eq!(r.header("content-length"), None);
+    assert_eq!(r.body(), "hello world");
+    assert_eq!(r.trailers, [("x-trailer".to_owned(), "t".to_owned())]);
+    c.send(&get("/a")).await;
+    assert_eq!(c.response(false).await.body(), "/a", "still open");
+
+    let mut c = Client::connect(&h).await;
+    let keep = "HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n";
+    c.send(&format!("GET /a {keep}")).await;
+    let r = c.response(false).await;
+    assert_eq!(r.header("connection"), Some("keep-alive"), "{r:?}");
+    assert_eq!((r.header("content-length"), r.body()), (Some("2"), "/a"));
+    c.send(&format!("GET /chunked {keep}")).await;
+    let r = c.response(false).await;
+    assert_eq!(r.header("transfer-encoding"), None, "{r:?}");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_eq!(r.body(), "hello world", "delimited by the close");
+
+    let mut c = Client::connect(&h).await;
+    c.send("GET /a HTTP/1.0\r\nHost: x\r\n\r\n").await;
+    let r = c.response(false).await;
+    assert_eq!((r.header("connection"), r.body()), (Some("close"), "/a"));
+    assert!(c.closed().await, "HTTP/1.0 without keep-alive closes");
+    h.gw.shutdown().await;
+}
+
+/// `Expect: 100-continue`: the client waits for `100 Continue` before it
+/// sends the body, then gets the final response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_gets_continue_then_the_final_response() {
+    let up = Upstream::start().await;
+    let h = gateway(&up).await;
+    let mut c = Client::connect(&h).await;
+    c.send("POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        .await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 100, "{r:?}");
+    c.send("hello").await;
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.header("x-body-len")), (200, Some("5")));
+    h.gw.shutdown().await;
+}
+
+/// An upgrade hands the connection over with the bytes the client sent
+/// right behind its head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_hand_over_the_bytes_sent_behind_the_head() {
+    let up = Upstream::start().await;
+    let h = gateway(&up).await;
+    let mut c = Client::connect(&h).await;
+    c.send(&format!("GET /ws HTTP/1.1\r\n{UPGRADE}early")).await;
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.header("upgrade")), (101, Some("websocket")));
+    assert_eq!(r.header("connection"), Some("upgrade"));
+    while c.buf.len() < 5 {
+        assert!(c.fill().await);
+    }
+    assert_eq!(c.buf, b"early", "echoed through the upstream");
+    drop(c);
+    h.gw.shutdown().await;
+}
+
+const UPGRADE: &str = "Host: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
+
+/// Shutdown closes an idle keep-alive connection at once and a busy one
+/// right after its response, which says `Connection: close`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_idle_connections_and_busy_ones_after_their_response() {
+    let up = Upstream::start().await;
+    let h = gateway(&up).await;
+    let mut idle = Client::connect(&h).await;
+    idle.send(&get("/a")).await;
+    assert_eq!(idle.response(false).await.status, 200);
+    let mut busy = Client::connect(&h).await;
+    busy.send(&get("/slow")).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = Instant::now();
+    let stopped = tokio::spawn(h.gw.shutdown());
+    assert!(idle.closed().await);
+    assert!(
+        t.elapsed() < Duration::from_millis(150),
+        "{:?}",
+        t.elapsed()
+    );
+    let r = busy.response(false).await;
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    assert!(busy.closed().await);
+    stopped.await.unwrap();
+}
