@@ -679,8 +679,8 @@ async fn write_response(
 }
 
 /// The response head: the map's fields, then the upstream's unparsed ones
-/// (those the map does not replace, without hop-by-hop fields), then the
-/// framing this connection uses.
+/// (those the map does not replace, without hop-by-hop fields), a `Date`
+/// if neither had one, then the framing this connection uses.
 fn encode_head(
     wr: &mut Vec<u8>,
     parts: &http::response::Parts,
@@ -702,6 +702,7 @@ fn encode_head(
             .as_bytes(),
     );
     wr.extend_from_slice(b"\r\n");
+    let mut dated = parts.headers.contains_key(header::DATE);
     for (name, value) in &parts.headers {
         if (*name == header::CONTENT_LENGTH && !keep_length)
             || *name == header::TRANSFER_ENCODING
@@ -721,7 +722,11 @@ fn encode_head(
         {
             continue;
         }
+        dated |= name.eq_ignore_ascii_case(b"date");
         field(wr, name, value);
+    }
+    if !dated {
+        date_field(wr);
     }
     match out {
         Out::Length(n) => {
@@ -823,6 +828,28 @@ async fn write_body(
         return Err("the response body is shorter than its length".into());
     }
     Ok(flush(io, wr).await?)
+}
+
+/// `date: ...` for now (RFC 9110 §6.6.1: the gateway's own responses need
+/// one, and so do forwarded ones that came without). Formatted at most once
+/// a second per thread, as hyper's server did.
+fn date_field(wr: &mut Vec<u8>) {
+    thread_local! {
+        static DATE: std::cell::RefCell<(u64, String)> = const {
+            std::cell::RefCell::new((u64::MAX, String::new()))
+        };
+    }
+    let now = std::time::SystemTime::now();
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(at, date)| {
+        if *at != secs {
+            *at = secs;
+            *date = httpdate::fmt_http_date(now);
+        }
+        field(wr, b"date", date.as_bytes());
+    });
 }
 
 fn field(wr: &mut Vec<u8>, name: &[u8], value: &[u8]) {

@@ -400,3 +400,24 @@ async fn shutdown_closes_idle_connections_and_busy_ones_after_their_response() {
     assert!(busy.closed().await);
     stopped.await.unwrap();
 }
+
+/// RFC 9110 §6.6.1: the gateway's own 4xx carry a `Date`, and so does a
+/// response forwarded from an upstream that sent none (hyper's server used
+/// to add it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_carry_a_date() {
+    let up = Upstream::start().await;
+    let h = gateway(&up).await;
+    let mut c = Client::connect(&h).await;
+    c.send(&get("/a")).await;
+    let forwarded = c.response(false).await;
+    c.send("GET /a HTTP/1.1\r\n\r\n").await;
+    let refused = c.response(false).await;
+    assert_eq!(refused.status, 400, "no Host");
+    for r in [forwarded, refused] {
+        let date = r.header("date").unwrap_or_else(|| panic!("no Date: {r:?}"));
+        assert!(httpdate::parse_http_date(date).is_ok(), "{date:?}");
+        assert_eq!(r.headers.iter().filter(|(n, _)| n == "date").count(), 1);
+    }
+    h.gw.shutdown().await;
+}
