@@ -204,6 +204,8 @@ fn parse_request(
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut te = false;
+    // `close` in any `Connection` field wins over `keep-alive` in another.
+    let mut close = false;
     let mut keep_alive = version == Version::HTTP_11;
     let mut expect_continue = false;
     let mut upgrade_header = false;
@@ -230,11 +232,8 @@ fn parse_request(
                 ));
             }
         } else if name == header::CONNECTION {
-            if has_token(v, b"close") {
-                keep_alive = false;
-            } else if has_token(v, b"keep-alive") {
-                keep_alive = true;
-            }
+            close |= has_token(v, b"close");
+            keep_alive |= has_token(v, b"keep-alive");
             connection_upgrade |= has_token(v, b"upgrade");
         } else if name == header::EXPECT {
             expect_continue = v.eq_ignore_ascii_case(b"100-continue");
@@ -272,7 +271,7 @@ fn parse_request(
     Ok(Some(Parsed {
         parts,
         framing,
-        keep_alive,
+        keep_alive: keep_alive && !close,
         expect_continue: expect_continue && version == Version::HTTP_11,
         upgrade: upgrade_header && connection_upgrade,
     }))

@@ -421,3 +421,18 @@ async fn responses_carry_a_date() {
     }
     h.gw.shutdown().await;
 }
+
+/// `close` in any `Connection` field ends the connection after the
+/// response, even when a later field says `keep-alive` (RFC 9112 §9.3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_close_is_not_undone_by_a_later_keep_alive() {
+    let up = Upstream::start().await;
+    let h = gateway(&up).await;
+    let mut c = Client::connect(&h).await;
+    c.send("GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\nConnection: keep-alive\r\n\r\n")
+        .await;
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    assert!(c.closed().await, "the connection stayed open");
+    h.gw.shutdown().await;
+}
