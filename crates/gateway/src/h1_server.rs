@@ -27,7 +27,7 @@
 //! 431. On shutdown an idle connection is closed at once and a busy one after
 //! its response (`Connection: close`).
 //!
-//! An `Upgrade` request (WebSocket) carries a [`ClientUpgrade`]; when its
+//! An HTTP/1.1 `Upgrade` request (WebSocket) carries a [`ClientUpgrade`]; when its
 //! response is `101 Switching Protocols` the connection is handed to it,
 //! with any bytes the client sent after the head.
 
@@ -272,8 +272,9 @@ fn parse_request(
         parts,
         framing,
         keep_alive: keep_alive && !close,
+        // Both ignored in HTTP/1.0 (RFC 9110 §10.1.1 and §7.8).
         expect_continue: expect_continue && version == Version::HTTP_11,
-        upgrade: upgrade_header && connection_upgrade,
+        upgrade: upgrade_header && connection_upgrade && version == Version::HTTP_11,
     }))
 }
 

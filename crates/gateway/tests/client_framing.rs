@@ -436,3 +436,19 @@ async fn connection_close_is_not_undone_by_a_later_keep_alive() {
     assert!(c.closed().await, "the connection stayed open");
     h.gw.shutdown().await;
 }
+
+/// `Upgrade` in an HTTP/1.0 request is ignored (RFC 9110 §7.8): an ordinary
+/// response, nothing asked of the upstream. It used to be switched, with a
+/// `101` saying `Connection: close`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_in_http10_are_ignored() {
+    let up = Upstream::start().await;
+    let h = gateway(&up).await;
+    let mut c = Client::connect(&h).await;
+    c.send(&format!("GET /ws10 HTTP/1.0\r\n{UPGRADE}")).await;
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.body()), (200, "/ws10"), "{r:?}");
+    let head = up.heads.lock().unwrap().pop().unwrap();
+    assert!(header_of(&head, "upgrade").is_none(), "{head}");
+    h.gw.shutdown().await;
+}
