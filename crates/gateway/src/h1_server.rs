@@ -96,6 +96,18 @@ impl std::fmt::Debug for ClientIo {
     }
 }
 
+impl ClientIo {
+    /// Makes the coming close a reset: a response that broke off must not
+    /// look complete, and one delimited by the close would (RFC 9112 §8).
+    fn reset(&self) {
+        let tcp = match self {
+            ClientIo::Tcp(s) => s,
+            ClientIo::Tls(s) => s.get_ref().0,
+        };
+        let _ = tcp.set_zero_linger();
+    }
+}
+
 impl AsyncRead for ClientIo {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -589,6 +601,7 @@ pub async fn serve(
         let switching = res.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade_tx.is_some();
         close |= !switching && *stopping.borrow();
         let Ok(close) = write_response(conn, &mut wr, res, asked, close).await else {
+            conn.reset();
             return;
         };
         if switching {

@@ -16,7 +16,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// The stub upstream: reads each request (head, then a `Content-Length`
 /// body), keeps its head, and answers by path. `/chunked`: a chunked body
-/// with a trailer; `/204`, `/304`: no body (with a `Content-Length`);
+/// with a trailer; `/broken`: a chunked body cut off by the close;
+/// `/204`, `/304`: no body (with a `Content-Length`);
 /// `/slow`: 300 ms late; an `Upgrade` request: `101`, then it echoes bytes;
 /// anything else: the path as the body, with `x-path` and `x-body-len`
 /// (no body for `HEAD`). No response carries a `Date`.
@@ -83,6 +84,11 @@ async fn upstream_conn(mut s: TcpStream, heads: Arc<Mutex<Vec<String>>>) {
         }
         let res = match path {
             "/chunked" => "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-trailer\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n".to_owned(),
+            "/broken" => {
+                let cut = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n";
+                let _ = s.write_all(cut.as_bytes()).await;
+                return;
+            }
             "/204" => "HTTP/1.1 204 No Content\r\ncontent-length: 0\r\nx-path: /204\r\n\r\n".to_owned(),
             "/304" => "HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\nx-path: /304\r\n\r\n".to_owned(),
             _ => {
@@ -243,6 +249,18 @@ impl Client {
             };
             res.trailers
                 .push((name.to_ascii_lowercase(), value.trim().to_owned()));
+        }
+    }
+
+    /// Everything up to the end of the stream, and how it ended.
+    async fn rest(&mut self) -> std::io::Result<()> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let read = tokio::time::timeout(Duration::from_secs(5), self.s.read(&mut chunk));
+            match read.await.expect("not closed within 5 s")? {
+                0 => return Ok(()),
+                n => self.buf.extend_from_slice(&chunk[..n]),
+            }
         }
     }
 
@@ -450,5 +468,31 @@ async fn upgrades_in_http10_are_ignored() {
     assert_eq!((r.status, r.body()), (200, "/ws10"), "{r:?}");
     let head = up.heads.lock().unwrap().pop().unwrap();
     assert!(header_of(&head, "upgrade").is_none(), "{head}");
+    h.gw.shutdown().await;
+}
+
+/// A body that breaks off upstream must not look complete (RFC 9112 §8):
+/// an HTTP/1.1 client gets no last chunk, and an HTTP/1.0 one, whose body
+/// ends with the connection, a reset instead of a clean close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_broken_upstream_do_not_look_complete() {
+    let up = Upstream::start().await;
+    let h = gateway(&up).await;
+    for version in ["1.1", "1.0"] {
+        let mut c = Client::connect(&h).await;
+        c.send(&format!("GET /broken HTTP/{version}\r\nHost: x\r\n\r\n"))
+            .await;
+        let end = c.rest().await;
+        let got = String::from_utf8_lossy(&c.buf);
+        assert!(
+            got.starts_with("HTTP/1.1 200 OK\r\n") && got.contains("hello"),
+            "{got}"
+        );
+        assert!(!got.ends_with("0\r\n\r\n"), "{got}");
+        if version == "1.0" {
+            let kind = end.expect_err("a clean close after a broken body").kind();
+            assert_eq!(kind, std::io::ErrorKind::ConnectionReset);
+        }
+    }
     h.gw.shutdown().await;
 }
