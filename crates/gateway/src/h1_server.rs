@@ -27,9 +27,15 @@
 //! 431. On shutdown an idle connection is closed at once and a busy one after
 //! its response (`Connection: close`).
 //!
-//! An HTTP/1.1 `Upgrade` request (WebSocket) carries a [`ClientUpgrade`]; when its
-//! response is `101 Switching Protocols` the connection is handed to it,
-//! with any bytes the client sent after the head.
+//! Responses: `Content-Length` when the body's size is known, otherwise
+//! chunked (HTTP/1.1) or delimited by the close (HTTP/1.0); none for `HEAD`,
+//! 1xx, 204 and 304. Each carries a `Date` unless it has one. A response
+//! whose body breaks off ends in a reset rather than a clean close, so that
+//! no client takes it for complete.
+//!
+//! An HTTP/1.1 `Upgrade` request (WebSocket) carries a [`ClientUpgrade`];
+//! when its response is `101 Switching Protocols` the connection is handed
+//! to it, with any bytes the client sent after the head.
 
 use std::future::Future as _;
 use std::io;
@@ -934,6 +940,14 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(p.upgrade);
+        let p = parse(b"GET /ws HTTP/1.0\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!p.upgrade, "ignored in HTTP/1.0");
+        let p = parse(b"GET / HTTP/1.1\r\nConnection: close\r\nConnection: keep-alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!p.keep_alive, "close wins");
         assert!(parse(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
     }
 
