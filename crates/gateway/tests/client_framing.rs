@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 /// The stub upstream: reads each request (head, then a `Content-Length`
 /// body), keeps its head, and answers by path. `/chunked`: a chunked body
 /// with a trailer; `/broken`: a chunked body cut off by the close;
+/// `/close`: `Connection: close`, then the close;
 /// `/204`, `/304`: no body (with a `Content-Length`);
 /// `/slow`: 300 ms late; an `Upgrade` request: `101`, then it echoes bytes;
 /// anything else: the path as the body, with `x-path` and `x-body-len`
@@ -87,6 +88,11 @@ async fn upstream_conn(mut s: TcpStream, heads: Arc<Mutex<Vec<String>>>) {
             "/broken" => {
                 let cut = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n";
                 let _ = s.write_all(cut.as_bytes()).await;
+                return;
+            }
+            "/close" => {
+                let close = "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok";
+                let _ = s.write_all(close.as_bytes()).await;
                 return;
             }
             "/204" => "HTTP/1.1 204 No Content\r\ncontent-length: 0\r\nx-path: /204\r\n\r\n".to_owned(),
@@ -369,6 +375,29 @@ async fn expect_100_continue_gets_continue_then_the_final_response() {
     c.send("hello").await;
     let r = c.response(false).await;
     assert_eq!((r.status, r.header("x-body-len")), (200, Some("5")));
+    h.gw.shutdown().await;
+}
+
+/// `Connection` is hop-by-hop: the upstream closing its connection leaves
+/// the client's open, and the client's `close` closes only its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_close_from_either_side_closes_only_that_side() {
+    let up = Upstream::start().await;
+    let h = gateway(&up).await;
+    let mut c = Client::connect(&h).await;
+    c.send(&get("/close")).await;
+    let r = c.response(false).await;
+    assert_eq!((r.body(), r.header("connection")), ("ok", None), "{r:?}");
+    c.send("GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
+    let r = c.response(false).await;
+    assert_eq!((r.body(), r.header("connection")), ("/a", Some("close")));
+    assert!(c.closed().await);
+    let heads = up.heads.lock().unwrap().clone();
+    assert!(
+        heads.iter().all(|h| !h.contains("connection:")),
+        "{heads:?}"
+    );
     h.gw.shutdown().await;
 }
 
