@@ -512,7 +512,7 @@ pub async fn serve(
     loop {
         let Some(conn) = io.as_mut() else { return };
         // 1. The head.
-        let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
+        let deadline = after(limits.header_read_timeout);
         let parsed = loop {
             if !rd.is_empty() {
                 match parse_request(&mut rd, &limits, &mut spans) {
@@ -624,6 +624,14 @@ pub async fn serve(
             return;
         }
     }
+}
+
+/// `d` from now; the config takes any duration, and one past what the
+/// clock can add (`Instant + Duration` panics) means about 30 years.
+fn after(d: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400))
 }
 
 /// Polls a response body once without waiting.

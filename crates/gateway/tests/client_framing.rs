@@ -525,3 +525,20 @@ async fn bodies_broken_upstream_do_not_look_complete() {
     }
     h.gw.shutdown().await;
 }
+
+/// `header_read_timeout` takes any duration; one too long to add to a clock
+/// reading means no timeout, not a panic in every connection's task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_timeout_past_the_clock_still_serves() {
+    let up = Upstream::start().await;
+    let cfg = format!(
+        "{}[[routes]]\nprefix = \"/\"\nservice = \"s\"\n",
+        service("s", &[up.addr])
+    );
+    let extra = "access_log = false\nworkers = 1\nheader_read_timeout = \"500000000000years\"";
+    let h = Harness::start_with(&cfg, extra).await;
+    let mut c = Client::connect(&h).await;
+    c.send(&get("/a")).await;
+    assert_eq!(c.response(false).await.body(), "/a");
+    h.gw.shutdown().await;
+}
