@@ -235,10 +235,13 @@ fn parse_request(
         if name == header::CONTENT_LENGTH {
             let n = parse_length(v)
                 .ok_or_else(|| bad("Content-Length is not a single non-negative decimal number"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(bad("two different Content-Length values"));
+            match length {
+                Some(l) if l != n => return Err(bad("two different Content-Length values")),
+                // An identical duplicate: one field goes on (RFC 9110 §8.6),
+                // whoever forwards the map.
+                Some(_) => continue,
+                None => length = Some(n),
             }
-            length = Some(n);
         } else if name == header::TRANSFER_ENCODING {
             te = true;
             // Only `chunked` is understood; it must be the only (and so the
