@@ -167,17 +167,18 @@ impl Client {
         self.s.write_all(bytes.as_bytes()).await.unwrap();
     }
 
-    /// More bytes into the buffer; false at the end of the stream.
-    async fn fill(&mut self) -> bool {
+    /// One read into the buffer (within 5 s): how many bytes came.
+    async fn read(&mut self) -> std::io::Result<usize> {
         let mut chunk = [0u8; 4096];
         let read = tokio::time::timeout(Duration::from_secs(5), self.s.read(&mut chunk));
-        match read.await.expect("no response within 5 s") {
-            Ok(0) | Err(_) => false,
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                true
-            }
-        }
+        let n = read.await.expect("nothing within 5 s")?;
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n)
+    }
+
+    /// More bytes into the buffer; false at the end of the stream.
+    async fn fill(&mut self) -> bool {
+        self.read().await.is_ok_and(|n| n > 0)
     }
 
     /// The next response; `head` when it answers a `HEAD` request.
@@ -260,14 +261,8 @@ impl Client {
 
     /// Everything up to the end of the stream, and how it ended.
     async fn rest(&mut self) -> std::io::Result<()> {
-        let mut chunk = [0u8; 4096];
-        loop {
-            let read = tokio::time::timeout(Duration::from_secs(5), self.s.read(&mut chunk));
-            match read.await.expect("not closed within 5 s")? {
-                0 => return Ok(()),
-                n => self.buf.extend_from_slice(&chunk[..n]),
-            }
-        }
+        while self.read().await? > 0 {}
+        Ok(())
     }
 
     /// The gateway closed the connection with nothing more to say.
