@@ -608,7 +608,9 @@ pub async fn serve(
 
         // 4. The response.
         let switching = res.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade_tx.is_some();
-        close |= !switching && *stopping.borrow();
+        // A switched connection is handed over, never closed here: its
+        // `101` keeps `Connection: upgrade`.
+        let close = !switching && (close || *stopping.borrow());
         let Ok(close) = write_response(conn, &mut wr, res, asked, close).await else {
             conn.reset();
             return;

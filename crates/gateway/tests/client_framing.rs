@@ -565,3 +565,19 @@ async fn a_duplicate_content_length_is_forwarded_once() {
     }
     h.gw.shutdown().await;
 }
+
+/// A `101` always says `Connection: upgrade` (RFC 9110 §7.8), also when the
+/// request asked to close: the connection is handed over, not closed. It
+/// used to say `Connection: close`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_101_says_connection_upgrade_even_when_close_was_asked() {
+    let up = Upstream::start().await;
+    let h = gateway(&up).await;
+    let mut c = Client::connect(&h).await;
+    let ask = "Host: x\r\nConnection: upgrade, close\r\nUpgrade: websocket\r\n\r\n";
+    c.send(&format!("GET /ws HTTP/1.1\r\n{ask}")).await;
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.header("connection")), (101, Some("upgrade")));
+    drop(c);
+    h.gw.shutdown().await;
+}
