@@ -530,7 +530,9 @@ pub async fn serve(
                     }
                 }
             }
-            let idle = rd.is_empty();
+            // Empty lines before a request line are allowed (RFC 9112
+            // §2.2; some clients send one after a body): still idle.
+            let idle = rd.iter().all(|&b| b == b'\r' || b == b'\n');
             rd.reserve(READ_CHUNK);
             let wake = std::future::poll_fn(|cx| {
                 if let Poll::Ready(r) =
