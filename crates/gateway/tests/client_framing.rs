@@ -276,10 +276,11 @@ fn get(path: &str) -> String {
 }
 
 /// A gateway with one worker; request bodies over 16 bytes are streamed
-/// upstream (hyper's client), shorter ones buffered (the gateway's own).
+/// upstream (hyper's client), shorter ones buffered (the gateway's own),
+/// and over 1,000 bytes refused.
 async fn gateway(up: &Upstream) -> Harness {
     let cfg = format!(
-        "{}[[routes]]\nprefix = \"/\"\nservice = \"s\"\ntimeout = \"2s\"\nretry_buffer_bytes = 16\n",
+        "{}[[routes]]\nprefix = \"/\"\nservice = \"s\"\ntimeout = \"2s\"\nretry_buffer_bytes = 16\nmax_body_bytes = 1000\n",
         service("s", &[up.addr])
     );
     Harness::start_with(&cfg, "access_log = false\nworkers = 1").await
@@ -372,6 +373,23 @@ async fn expect_100_continue_gets_continue_then_the_final_response() {
     c.send("hello").await;
     let r = c.response(false).await;
     assert_eq!((r.status, r.header("x-body-len")), (200, Some("5")));
+    h.gw.shutdown().await;
+}
+
+/// A final response before the body (`Expect: 100-continue`, a declared
+/// length over the limit): no `100 Continue`, and since the body was not
+/// read, `Connection: close` and the close (what follows cannot be framed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unread_body_closes_the_connection_after_the_response() {
+    let up = Upstream::start().await;
+    let h = gateway(&up).await;
+    let mut c = Client::connect(&h).await;
+    c.send("POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n")
+        .await;
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.header("connection")), (413, Some("close")));
+    assert!(c.closed().await);
+    assert!(up.heads.lock().unwrap().is_empty());
     h.gw.shutdown().await;
 }
 
