@@ -551,6 +551,14 @@ impl RawConfig {
                 "must be at least 1024".into(),
             );
         }
+        if g.header_read_timeout < Duration::from_millis(10) {
+            // Zero would close every connection before its first byte.
+            err(
+                0..0,
+                "gateway.header_read_timeout".into(),
+                "must be at least 10ms".into(),
+            );
+        }
         if g.max_headers == 0 || g.max_headers > crate::h1_server::MAX_HEADERS_LIMIT {
             err(
                 0..0,
@@ -1069,6 +1077,34 @@ breaker = { failure_rate = 0.5, min_calls = 20, window = "10s", open_for = "5s" 
                 .starts_with("gw.toml:18:1: key `routes[0].bogus`"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn server_limits_that_cannot_work_are_errors() {
+        for (table, key, want) in [
+            (
+                "header_read_timeout = \"0s\"",
+                "gateway.header_read_timeout",
+                "at least 10ms",
+            ),
+            (
+                "max_headers = 300",
+                "gateway.max_headers",
+                "between 1 and 256",
+            ),
+            (
+                "max_headers = 0",
+                "gateway.max_headers",
+                "between 1 and 256",
+            ),
+        ] {
+            let text = format!("[gateway]\n{table}\n{}", GOOD.replace("[gateway]\n", ""));
+            let e = errs(&text);
+            assert!(
+                e.iter().any(|e| e.key == key && e.message.contains(want)),
+                "{table}: {e:?}"
+            );
+        }
     }
 
     #[test]
