@@ -19,6 +19,8 @@
 //! trusted. A request body is read by whoever polls it (the proxy, or
 //! hyper's client for a streamed upload); the connection is reused only if
 //! that body was read to its end, and otherwise closed after the response.
+//! An unfinished upload keeps the connection while the response goes out
+//! (an upstream may answer before it has read the whole body).
 //!
 //! Limits: a head must arrive within `header_read_timeout` of the previous
 //! response (or of the accept), which also closes idle keep-alive
@@ -609,22 +611,40 @@ pub async fn serve(
         }
         let res = gw.handle(req, peer, &info).await;
 
-        // 3. The connection back: reusable only if the body was read to its
-        // end (what follows it is the next request).
-        if let Some(l) = lent {
-            let mut l = l.lock().unwrap_or_else(PoisonError::into_inner);
-            close |= !l.decoder.is_done();
-            io = l.io.take();
-            rd = std::mem::take(&mut l.rd);
+        // 3. The connection back if the body was read to its end (what
+        // follows it is the next request). Otherwise the body keeps it while
+        // the response goes out, since an upstream may answer before the
+        // upload ends and still read the rest; the connection then closes
+        // after the response.
+        if let Some(l) = &lent {
+            let mut g = l.lock().unwrap_or_else(PoisonError::into_inner);
+            if g.decoder.is_done() {
+                io = g.io.take();
+                rd = std::mem::take(&mut g.rd);
+                drop(g);
+                lent = None;
+            } else {
+                close = true;
+            }
         }
-        let Some(conn) = io.as_mut() else { return };
 
         // 4. The response.
         let switching = res.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade_tx.is_some();
         // A switched connection is handed over, never closed here: its
         // `101` keeps `Connection: upgrade`.
         let close = !switching && (close || *stopping.borrow());
-        let Ok(close) = write_response(conn, &mut wr, res, asked, close).await else {
+        let written = match (&lent, io.as_mut()) {
+            (Some(l), _) => write_response(&mut LentIo(l), &mut wr, res, asked, close).await,
+            (None, Some(conn)) => write_response(conn, &mut wr, res, asked, close).await,
+            (None, None) => return,
+        };
+        if let Some(l) = lent {
+            let mut g = l.lock().unwrap_or_else(PoisonError::into_inner);
+            io = g.io.take();
+            rd = std::mem::take(&mut g.rd);
+        }
+        let Some(conn) = io.as_mut() else { return };
+        let Ok(close) = written else {
             conn.reset();
             return;
         };
@@ -657,7 +677,43 @@ fn poll_now(b: &mut ResBody) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
     Pin::new(b).poll_frame(&mut Context::from_waker(Waker::noop()))
 }
 
-async fn flush(io: &mut ClientIo, wr: &mut Vec<u8>) -> io::Result<()> {
+/// The client connection while a request body still holds it: the response
+/// is written under the lock the body reads under (both run on this worker
+/// thread, so the lock is never contended).
+struct LentIo<'a>(&'a Mutex<Lent>);
+
+impl LentIo<'_> {
+    fn with<T>(
+        &self,
+        f: impl FnOnce(Pin<&mut ClientIo>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        let mut l = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match l.io.as_mut() {
+            Some(io) => f(Pin::new(io)),
+            None => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+        }
+    }
+}
+
+impl AsyncWrite for LentIo<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.with(|io| io.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.with(|io| io.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.with(|io| io.poll_shutdown(cx))
+    }
+}
+
+async fn flush<W: AsyncWrite + Unpin>(io: &mut W, wr: &mut Vec<u8>) -> io::Result<()> {
     if !wr.is_empty() {
         io.write_all(wr).await?;
         wr.clear();
@@ -677,8 +733,8 @@ struct Asked {
 /// Writes a response; returns whether the connection must close after it
 /// (`close` as given, or because the response needs it), or an error when
 /// it broke off and the connection cannot continue.
-async fn write_response(
-    io: &mut ClientIo,
+async fn write_response<W: AsyncWrite + Unpin>(
+    io: &mut W,
     wr: &mut Vec<u8>,
     res: Response<ResBody>,
     asked: Asked,
@@ -793,8 +849,8 @@ fn encode_head(
 /// Writes the body after the head already in `wr`, flushing whenever the
 /// body has nothing ready (so a response read in one piece upstream leaves
 /// in one write).
-async fn write_body(
-    io: &mut ClientIo,
+async fn write_body<W: AsyncWrite + Unpin>(
+    io: &mut W,
     wr: &mut Vec<u8>,
     body: &mut ResBody,
     out: Out,

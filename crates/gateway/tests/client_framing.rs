@@ -602,3 +602,64 @@ async fn a_101_says_connection_upgrade_even_when_close_was_asked() {
     drop(c);
     h.gw.shutdown().await;
 }
+
+/// An upstream that answers before the upload ends (the head and a first
+/// chunk as soon as the request head arrives, the byte count once the whole
+/// body is in) still gets the whole body: the request body keeps the
+/// client's connection while the response goes out, as hyper's server let it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_that_starts_before_the_upload_ends_does_not_cut_the_upload() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let early = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let (mut buf, mut chunk) = (Vec::new(), [0u8; 4096]);
+        let end = loop {
+            if let Some(i) = find(&buf, b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before the head");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let len: usize = header_of(&head, "content-length").unwrap().parse().unwrap();
+        s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nstart\r\n")
+            .await
+            .unwrap();
+        let mut got = buf.len() - end;
+        while got < len {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+        let tail = format!("got {got}");
+        let last = format!("{:x}\r\n{tail}\r\n0\r\n\r\n", tail.len());
+        let _ = s.write_all(last.as_bytes()).await;
+        got
+    });
+    let cfg = format!(
+        "{}[[routes]]\nprefix = \"/\"\nservice = \"s\"\ntimeout = \"5s\"\nretry_buffer_bytes = 16\n",
+        service("s", &[addr])
+    );
+    let h = Harness::start_with(&cfg, "access_log = false\nworkers = 1").await;
+    let mut c = Client::connect(&h).await;
+    let first = "a".repeat(1000);
+    c.send(&format!(
+        "POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 3000\r\n\r\n{first}"
+    ))
+    .await;
+    // The response has started; 2,000 bytes of the body are still to come.
+    while find(&c.buf, b"start").is_none() {
+        assert!(c.fill().await, "closed before the response started");
+    }
+    c.send(&"b".repeat(2000)).await;
+    while find(&c.buf, b"0\r\n\r\n").is_none() {
+        assert!(c.fill().await, "closed before the response ended");
+    }
+    let text = String::from_utf8_lossy(&c.buf).into_owned();
+    assert!(text.contains("got 3000"), "{text}");
+    assert_eq!(early.await.unwrap(), 3000);
+    h.gw.shutdown().await;
+}
