@@ -233,10 +233,10 @@ function render(f) {
   for (const tp of bus.topics) {
     html += `<tr data-topic="${esc(tp.topic)}"><td>${esc(tp.topic)}</td><td class="num">${num(tp.rate)}</td><td class="num">${tp.published}</td><td>${spark(state.topics[tp.topic] || [], t0, t1)}</td></tr>`;
   }
-  html += '</tbody></table></div><div class="scroll"><table><thead><tr><th>group</th><th>topic</th><th class="num">lag</th><th class="num">delivered</th><th class="num">acked</th><th class="num">redelivered</th><th class="num">dead letters</th></tr></thead><tbody>';
+  html += '</tbody></table></div><div class="scroll"><table><thead><tr><th>group</th><th>topic</th><th class="num">lag</th><th class="num">delivered</th><th class="num">acked</th><th class="num">redelivered</th><th class="num">dead letters</th><th class="num" title="handed back to the group at shutdown: released by a handler, or held">handed back</th></tr></thead><tbody>';
   for (const g of bus.groups) {
     html += `<tr data-group="${esc(g.group)}"><td>${esc(g.group)}</td><td>${esc(g.topic)}</td><td class="num">${g.lag ?? '–'}</td><td class="num">${g.delivered}</td><td class="num">${g.acked}</td>`
-      + `<td class="num">${g.redelivered}</td><td class="num${g.dead_lettered ? ' bad' : ''}">${g.dead_lettered}</td></tr>`;
+      + `<td class="num">${g.redelivered}</td><td class="num${g.dead_lettered ? ' bad' : ''}">${g.dead_lettered}</td><td class="num">${(g.released ?? 0) + (g.held ?? 0)}</td></tr>`;
   }
   html += '</tbody></table></div><h2>Latest events</h2><div class="scroll"><table class="tail"><thead><tr><th>time</th><th>type</th><th>id</th><th>correlation id</th></tr></thead><tbody>';
   for (const e of bus.recent) {
