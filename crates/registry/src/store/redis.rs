@@ -206,11 +206,16 @@ impl RedisStore {
         .await
         .map_err(|_| RegistryError::Store(format!("{shown}: connect timed out")))?
         .map_err(|e| RegistryError::Store(format!("{shown}: {e}")))?;
-        let node = format!(
-            "{}-{}",
-            std::process::id(),
-            millis(SystemTime::now()) ^ (std::ptr::from_ref(&conn) as usize as u64)
+        // Unique per store, not just per process: two stores opened in one
+        // process within a millisecond got the same name (the stack address
+        // of `conn` repeats), and then both held every lease.
+        static OPENED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = OPENED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let random = std::hash::BuildHasher::hash_one(
+            &std::collections::hash_map::RandomState::new(),
+            (n, millis(SystemTime::now())),
         );
+        let node = format!("{}-{n}-{random:016x}", std::process::id());
         Ok(RedisStore {
             client,
             conn,
