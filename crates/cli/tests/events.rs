@@ -5,40 +5,17 @@
 //! back what it fetched but did not print instead of acking it or leaving it
 //! to the ack wait (30 s).
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use support::switchboard;
 use switchboard_testkit::{NatsServer, Persistence, RedisServer};
-use tokio::process::Command;
-
-const PATIENCE: Duration = Duration::from_secs(30);
 
 /// How long one `tail --count 1` run may take when its event is waiting: far
 /// below the 30 s ack wait that a stranded event would cost.
 const QUICK: Duration = Duration::from_secs(10);
-
-/// Runs the binary with `args` and returns its stdout; panics (naming the
-/// command and its stderr) on a non-zero exit or after `PATIENCE`.
-async fn switchboard(args: &[&str]) -> String {
-    let out = tokio::time::timeout(
-        PATIENCE,
-        Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(args)
-            .env("SWITCHBOARD_LOG", "error")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("switchboard {args:?} did not finish within {PATIENCE:?}"))
-    .expect("spawn switchboard");
-    assert!(
-        out.status.success(),
-        "switchboard {args:?} exited {}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
-}
 
 async fn publish_then_tail_resumes(bus: &str) {
     for (id, n) in [("e-1", 1), ("e-2", 2)] {

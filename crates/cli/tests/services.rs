@@ -3,34 +3,18 @@
 //! later of the last active check and the last heartbeat), and "-" for an
 //! instance the registry has heard nothing from since it registered.
 
+mod support;
+
 use std::time::Duration;
+
+use support::switchboard;
 
 use switchboard_registry::http::{self, HttpOptions};
 use switchboard_registry::{CheckSpec, Registration, Registry, RegistryOptions};
-use tokio::process::Command;
-
-const PATIENCE: Duration = Duration::from_secs(30);
 
 /// Runs `switchboard services --registry URL` and returns its stdout.
 async fn services(url: &str) -> String {
-    let out = tokio::time::timeout(
-        PATIENCE,
-        Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["services", "--registry", url])
-            .env("SWITCHBOARD_LOG", "error")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("switchboard services did not finish within {PATIENCE:?}"))
-    .expect("spawn switchboard");
-    assert!(
-        out.status.success(),
-        "switchboard services exited {}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
+    switchboard(&["services", "--registry", url]).await
 }
 
 /// The LAST CHECK cell of the row of instance `id`.
