@@ -22,6 +22,29 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("request body exceeds {0} bytes")]
 pub struct BodyTooLarge(pub u64);
 
+/// One frame of an inner body, its error boxed: what each variant of the
+/// body enums below does.
+fn poll_boxed<B>(b: &mut B, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    Pin::new(b)
+        .poll_frame(cx)
+        .map_err(|e| Box::new(e) as BoxError)
+}
+
+/// The size of `prefix` bytes followed by a body of size `rest`.
+fn prefixed_hint(prefix: Option<&Bytes>, rest: SizeHint) -> SizeHint {
+    let p = prefix.map_or(0, |b| b.len() as u64);
+    let mut out = SizeHint::new();
+    out.set_lower(rest.lower() + p);
+    if let Some(u) = rest.upper() {
+        out.set_upper(u + p);
+    }
+    out
+}
+
 /// A client's request body: from the gateway's HTTP/1.1 server or from
 /// hyper's HTTP/2 server (TLS with ALPN `h2`).
 #[derive(Debug)]
@@ -44,12 +67,8 @@ impl Body for ClientBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ClientBody::Empty => Poll::Ready(None),
-            ClientBody::H1(b) => Pin::new(b)
-                .poll_frame(cx)
-                .map_err(|e| Box::new(e) as BoxError),
-            ClientBody::H2(b) => Pin::new(b)
-                .poll_frame(cx)
-                .map_err(|e| Box::new(e) as BoxError),
+            ClientBody::H1(b) => poll_boxed(b, cx),
+            ClientBody::H2(b) => poll_boxed(b, cx),
         }
     }
 
@@ -153,16 +172,7 @@ impl Body for ReqBody {
         match self {
             ReqBody::Empty => SizeHint::with_exact(0),
             ReqBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            ReqBody::Stream(s) => {
-                let p = s.prefix.as_ref().map_or(0, |b| b.len() as u64);
-                let h = s.rest.size_hint();
-                let mut out = SizeHint::new();
-                out.set_lower(h.lower() + p);
-                if let Some(u) = h.upper() {
-                    out.set_upper(u + p);
-                }
-                out
-            }
+            ReqBody::Stream(s) => prefixed_hint(s.prefix.as_ref(), s.rest.size_hint()),
         }
     }
 }
@@ -198,12 +208,8 @@ impl Body for UpBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            UpBody::H1(b) => Pin::new(b)
-                .poll_frame(cx)
-                .map_err(|e| Box::new(e) as BoxError),
-            UpBody::Hyper(b) => Pin::new(b)
-                .poll_frame(cx)
-                .map_err(|e| Box::new(e) as BoxError),
+            UpBody::H1(b) => poll_boxed(b, cx),
+            UpBody::Hyper(b) => poll_boxed(b, cx),
         }
     }
 
@@ -411,16 +417,7 @@ impl Body for ResBody {
         match &self.inner {
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Inner::Upstream(b) => b.size_hint(),
-            Inner::Prefixed(pre) => {
-                let p = pre.prefix.as_ref().map_or(0, |b| b.len() as u64);
-                let h = pre.rest.size_hint();
-                let mut out = SizeHint::new();
-                out.set_lower(h.lower() + p);
-                if let Some(u) = h.upper() {
-                    out.set_upper(u + p);
-                }
-                out
-            }
+            Inner::Prefixed(pre) => prefixed_hint(pre.prefix.as_ref(), pre.rest.size_hint()),
         }
     }
 }

@@ -805,7 +805,7 @@ fn poll_fill(conn: &mut H1Conn, cx: &mut Context<'_>, want: u64) -> Poll<io::Res
     tokio_util::io::poll_read_buf(Pin::new(&mut c.io), cx, &mut c.rd)
 }
 
-pub(crate) fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 

@@ -319,7 +319,6 @@ struct Lent {
 }
 
 /// A request body read from the client's connection by whoever polls it.
-#[derive(Clone)]
 pub struct RequestBody {
     lent: Arc<Mutex<Lent>>,
 }
