@@ -123,6 +123,15 @@ pub struct RawGateway {
     /// On shutdown, how long in-flight requests get to finish.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// After a response that left request bytes unread, the longest the
+    /// connection lingers, reading and discarding them before it closes
+    /// (RFC 9112 §9.6; nginx's `lingering_time`).
+    #[serde(with = "humantime_serde")]
+    pub lingering_time: Duration,
+    /// While lingering, the longest wait for the client's next bytes; `0s`
+    /// closes right after the response (nginx's `lingering_timeout`).
+    #[serde(with = "humantime_serde")]
+    pub lingering_timeout: Duration,
     /// Emit one access-log line per request.
     pub access_log: bool,
     /// Default upstream connect timeout for routes.
@@ -175,6 +184,8 @@ impl Default for RawGateway {
             max_header_bytes: 16 * 1024,
             max_headers: 100,
             drain_timeout: Duration::from_secs(30),
+            lingering_time: crate::h1_server::linger::Linger::DEFAULT.time,
+            lingering_timeout: crate::h1_server::linger::Linger::DEFAULT.timeout,
             access_log: true,
             connect_timeout: Duration::from_secs(1),
             pool_idle_timeout: Duration::from_secs(60),

@@ -29,6 +29,14 @@
 //! 431. On shutdown an idle connection is closed at once and a busy one after
 //! its response (`Connection: close`).
 //!
+//! Closing (RFC 9112 §9.6): a connection closed after a response that left
+//! request bytes unread (a body not read to its end, a refused head, bytes
+//! behind a `Connection: close` request) lingers: its write half is shut
+//! down, then what the client still sends is read and discarded until the
+//! client closes, within bounds ([`linger`]). Closing at once would make
+//! the kernel answer those bytes with a reset, which can destroy the
+//! response before the client reads it.
+//!
 //! Responses: `Content-Length` when the body's size is known, otherwise
 //! chunked (HTTP/1.1) or delimited by the close (HTTP/1.0); none for `HEAD`,
 //! 1xx, 204 and 304. Each carries a `Date` unless it has one. A response
@@ -64,6 +72,8 @@ use crate::headers::is_hop_by_hop;
 use crate::problem::{self, Problem};
 use crate::proxy::{ConnInfo, Gateway};
 
+pub mod linger;
+
 /// The most header fields `gateway.max_headers` may allow (the parser's
 /// slots live on the stack).
 pub const MAX_HEADERS_LIMIT: usize = 256;
@@ -85,6 +95,8 @@ pub struct Limits {
     pub max_headers: usize,
     /// Largest head, in bytes.
     pub max_header_bytes: usize,
+    /// Bounds of a lingering close.
+    pub linger: linger::Linger,
 }
 
 /// A client connection's byte stream: plain TCP or TLS.
@@ -530,7 +542,8 @@ pub async fn serve(
                         let id = correlation::request_id(None);
                         let res = problem::response(p, &detail, &id, None);
                         let _ = write_response(conn, &mut wr, res, Asked::default(), true).await;
-                        let _ = conn.shutdown().await;
+                        // The rest of what was refused may still be coming.
+                        Box::pin(linger::close(conn, &mut rd, stopping, limits.linger)).await;
                         return;
                     }
                 }
@@ -637,10 +650,12 @@ pub async fn serve(
             (None, Some(conn)) => write_response(conn, &mut wr, res, asked, close).await,
             (None, None) => return,
         };
+        let mut unread = false;
         if let Some(l) = lent {
             let mut g = l.lock().unwrap_or_else(PoisonError::into_inner);
             io = g.io.take();
             rd = std::mem::take(&mut g.rd);
+            unread = !g.decoder.is_done();
         }
         let Some(conn) = io.as_mut() else { return };
         let Ok(close) = written else {
@@ -657,7 +672,11 @@ pub async fn serve(
             return;
         }
         if close {
-            let _ = conn.shutdown().await;
+            if unread || !rd.is_empty() {
+                Box::pin(linger::close(conn, &mut rd, stopping, limits.linger)).await;
+            } else {
+                let _ = conn.shutdown().await;
+            }
             return;
         }
     }
@@ -982,6 +1001,7 @@ mod tests {
             header_read_timeout: Duration::from_secs(1),
             max_headers: 8,
             max_header_bytes: 1024,
+            linger: linger::Linger::DEFAULT,
         }
     }
 

@@ -55,6 +55,8 @@
 //! | `gateway.max_header_bytes` | `16384` | larger header blocks get 431 |
 //! | `gateway.max_headers` | `100` | more headers get 431 (at most 256) |
 //! | `gateway.drain_timeout` | `30s` | shutdown waits this long for in-flight requests |
+//! | `gateway.lingering_time` | `30s` | after a response that left request bytes unread (a `413`, an early upstream answer, a refused head), the connection sends its FIN and reads and discards what the client still sends for at most this long, then closes (RFC 9112 §9.6; also ends at the client's FIN, after 16 MiB, or 500 ms into a shutdown) |
+//! | `gateway.lingering_timeout` | `5s` | while lingering, the longest wait for the client's next bytes; `0s` closes right after the response |
 //! | `gateway.access_log` | `true` | one JSON line per request on stdout |
 //! | `gateway.connect_timeout` | `1s` | default upstream connect timeout |
 //! | `gateway.pool_idle_timeout` | `60s` | idle upstream connections older than this are closed |

@@ -465,6 +465,8 @@ fn warn_restart_needed(old: &Config, new: &Config) {
         max_header_bytes,
         max_headers,
         drain_timeout,
+        lingering_time,
+        lingering_timeout,
         access_log,
         pool_idle_timeout,
         pool_max_idle,

@@ -102,6 +102,11 @@ async fn worker(
         header_read_timeout: settings.header_read_timeout,
         max_headers: settings.max_headers,
         max_header_bytes: settings.max_header_bytes,
+        linger: h1_server::linger::Linger {
+            time: settings.lingering_time,
+            timeout: settings.lingering_timeout,
+            ..h1_server::linger::Linger::DEFAULT
+        },
     };
     let tracker = TaskTracker::new();
     let mut sweep = tokio::time::interval(Duration::from_secs(15));

@@ -2,7 +2,8 @@
 //! for byte: raw `TcpStream` clients against a real gateway whose upstream
 //! is a raw stub on 127.0.0.1:0. Persistence and pipelining, HTTP/1.0
 //! clients, `Expect: 100-continue`, responses without a body, bodies of
-//! unknown length, upgrades and graceful shutdown (RFC 9112, RFC 9110).
+//! unknown length, upgrades, graceful shutdown and lingering close (RFC 9112,
+//! RFC 9110).
 
 mod support;
 
@@ -662,4 +663,182 @@ async fn a_response_that_starts_before_the_upload_ends_does_not_cut_the_upload()
     assert!(text.contains("got 3000"), "{text}");
     assert_eq!(early.await.unwrap(), 3000);
     h.gw.shutdown().await;
+}
+
+/// A client whose socket buffers little of what it writes (8 KiB asked,
+/// the kernel's floor is about 4.5 KiB): an upload past the gateway's
+/// receive buffer goes through only as fast as the gateway reads it.
+async fn connect_small_sndbuf(h: &Harness) -> Client {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_send_buffer_size(8 * 1024).unwrap();
+    Client {
+        s: socket.connect(h.gw.listen()).await.unwrap(),
+        buf: Vec::new(),
+    }
+}
+
+/// A request head over the route's 1,000-byte limit; its body never goes upstream.
+const TOO_LARGE: &str = "POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n";
+
+/// Writes `n` bytes, within 10 s.
+async fn upload(c: &mut Client, n: usize) -> std::io::Result<()> {
+    let body = vec![b'x'; n];
+    tokio::time::timeout(Duration::from_secs(10), c.s.write_all(&body))
+        .await
+        .expect("the upload stalled for 10 s")
+}
+
+/// Whether the gateway still reads from the connection: two writes 50 ms
+/// apart both succeed (on a closed socket the first draws a reset, and the
+/// second fails).
+async fn still_read(c: &mut Client) -> bool {
+    for _ in 0..2 {
+        if c.s.write_all(b"x").await.is_err() {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
+/// RFC 9112 §9.6, lingering close: a client that uploads its whole body
+/// before it reads (2 MB, far past what the sockets buffer) while the
+/// gateway answers `413` after the head: the gateway reads and discards the
+/// body, so the upload completes, then the client reads the `413` and a
+/// clean end. Closing at once left the body unread in the kernel, which
+/// then answered it with a reset: the upload failed with `EPIPE` or
+/// `ECONNRESET` and such a client never read its response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_uploads_before_it_reads_gets_its_413_and_a_clean_close() {
+    let up = Upstream::start().await;
+    let h = gateway(&up).await;
+    let mut c = connect_small_sndbuf(&h).await;
+    c.send(TOO_LARGE).await;
+    upload(&mut c, 2_000_000)
+        .await
+        .expect("the upload after the 413 was cut off");
+    c.s.shutdown().await.unwrap();
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.header("connection")), (413, Some("close")));
+    c.rest().await.expect("a FIN, not a reset");
+    assert!(c.buf.is_empty(), "nothing after the response");
+    assert!(up.heads.lock().unwrap().is_empty());
+    h.gw.shutdown().await;
+}
+
+/// A client that reads the `413` while it uploads and goes on sending for
+/// a while (as clients that check for an early response do before they
+/// stop): its writes keep succeeding until it closes its side, and the
+/// stream ends cleanly after the response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_keeps_sending_after_its_413_is_drained_until_it_closes() {
+    let up = Upstream::start().await;
+    let h = gateway(&up).await;
+    let mut c = Client::connect(&h).await;
+    c.send(TOO_LARGE).await;
+    upload(&mut c, 64 * 1024).await.unwrap();
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.header("connection")), (413, Some("close")));
+    for i in 0..10 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        upload(&mut c, 16 * 1024)
+            .await
+            .unwrap_or_else(|e| panic!("write {i} after the response: {e}"));
+    }
+    c.s.shutdown().await.unwrap();
+    c.rest().await.expect("a FIN, not a reset");
+    assert!(c.buf.is_empty(), "nothing after the response");
+    h.gw.shutdown().await;
+}
+
+/// A refused head lingers as well: the rest of a 200 KB head the gateway
+/// answered with `431` after its first 16 KiB is read and discarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rest_of_a_refused_head_is_drained() {
+    let up = Upstream::start().await;
+    let h = gateway(&up).await;
+    let mut c = connect_small_sndbuf(&h).await;
+    c.send(&format!("GET / HTTP/1.1\r\nx-big: {}", "a".repeat(200_000)))
+        .await;
+    c.s.shutdown().await.unwrap();
+    let r = c.response(false).await;
+    assert_eq!(r.status, 431, "{r:?}");
+    c.rest().await.expect("a FIN, not a reset");
+    h.gw.shutdown().await;
+}
+
+/// The bounds: a lingering connection closes after `lingering_timeout`
+/// without a byte, and after `lingering_time` however steadily the client
+/// trickles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lingering_ends_after_its_timeout_and_its_time() {
+    let up = Upstream::start().await;
+    let cfg = format!(
+        "{}[[routes]]\nprefix = \"/\"\nservice = \"s\"\nmax_body_bytes = 1000\n",
+        service("s", &[up.addr])
+    );
+    let extra =
+        "access_log = false\nworkers = 1\nlingering_time = \"1s\"\nlingering_timeout = \"300ms\"";
+    let h = Harness::start_with(&cfg, extra).await;
+
+    let mut c = Client::connect(&h).await;
+    c.send(TOO_LARGE).await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 413);
+    assert!(still_read(&mut c).await, "lingering");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !still_read(&mut c).await,
+        "closed 300 ms after the last byte"
+    );
+
+    let mut c = Client::connect(&h).await;
+    c.send(TOO_LARGE).await;
+    assert_eq!(c.response(false).await.status, 413);
+    let t = Instant::now();
+    while still_read(&mut c).await {
+        assert!(t.elapsed() < Duration::from_secs(3), "still lingering");
+    }
+    let took = t.elapsed();
+    assert!(took > Duration::from_millis(800), "closed after {took:?}");
+    h.gw.shutdown().await;
+}
+
+/// Past 16 MiB discarded, the connection closes whatever the times; the
+/// response was delivered before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lingering_discards_at_most_16_mib() {
+    let up = Upstream::start().await;
+    let h = gateway(&up).await;
+    let mut c = Client::connect(&h).await;
+    c.send(TOO_LARGE).await;
+    let t = Instant::now();
+    let cut = upload(&mut c, 64 << 20).await;
+    assert!(cut.is_err(), "64 MiB were all read");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(c.response(false).await.status, 413);
+    h.gw.shutdown().await;
+}
+
+/// Shutdown waits for a lingering connection at most half a second, even
+/// with a client that trickles bytes to keep it (and `lingering_time` is
+/// 30 s, the drain deadline 5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_not_held_up_by_a_lingering_client() {
+    let up = Upstream::start().await;
+    let h = gateway(&up).await;
+    let mut c = Client::connect(&h).await;
+    c.send(TOO_LARGE).await;
+    assert_eq!(c.response(false).await.status, 413);
+    let trickle = tokio::spawn(async move { while still_read(&mut c).await {} });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!trickle.is_finished(), "lingering");
+    let t = Instant::now();
+    h.gw.shutdown().await;
+    let took = t.elapsed();
+    assert!(took < Duration::from_millis(1500), "shutdown took {took:?}");
+    tokio::time::timeout(Duration::from_secs(2), trickle)
+        .await
+        .expect("the connection outlived the shutdown")
+        .unwrap();
 }
