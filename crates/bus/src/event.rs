@@ -526,24 +526,10 @@ pub(crate) fn validate_extension(name: &str, value: &serde_json::Value) -> Resul
     Ok(())
 }
 
-/// `00-<32 lowercase hex>-<16 lowercase hex>-<2 lowercase hex>`, ids not all zero.
+/// `00-<32 lowercase hex>-<16 lowercase hex>-<2 lowercase hex>`, ids not all
+/// zero (any version but `ff` in that form; see [`crate::trace::is_traceparent`]).
 pub fn is_traceparent(s: &str) -> bool {
-    let b = s.as_bytes();
-    let hex = |r: std::ops::Range<usize>| {
-        b[r].iter()
-            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
-    };
-    b.len() == 55
-        && b[2] == b'-'
-        && b[35] == b'-'
-        && b[52] == b'-'
-        && hex(0..2)
-        && &b[0..2] != b"ff"
-        && hex(3..35)
-        && hex(36..52)
-        && hex(53..55)
-        && b[3..35].iter().any(|&c| c != b'0')
-        && b[36..52].iter().any(|&c| c != b'0')
+    crate::trace::is_traceparent(s.as_bytes())
 }
 
 /// RFC 3339 `date-time`: `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`.

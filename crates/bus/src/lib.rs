@@ -81,6 +81,8 @@
 //! - `backend`: one module per backend.
 //! - [`middleware`]: idempotent consumer, correlation propagation, metrics.
 //! - [`stats`]: per-topic and per-group counters, consumer lag, recent events (dashboards).
+//! - [`trace`]: W3C `traceparent` parsing, child spans, request-id checks and
+//!   fast ids, on bytes; shared with the gateway and services.
 
 pub mod backoff;
 pub mod bus;
@@ -90,6 +92,7 @@ pub mod event;
 pub mod middleware;
 pub mod stats;
 pub mod subscribe;
+pub mod trace;
 
 mod backend;
 mod driver;

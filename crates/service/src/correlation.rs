@@ -18,6 +18,7 @@ use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use switchboard_bus::trace;
 use tracing::Instrument;
 
 /// The request id header, kept from the client when sane, generated otherwise.
@@ -26,95 +27,61 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// Longest request id accepted from a client, in bytes (all visible ASCII).
-pub const MAX_REQUEST_ID_LEN: usize = 128;
+pub const MAX_REQUEST_ID_LEN: usize = trace::MAX_REQUEST_ID;
 
 tokio::task_local! {
     static CURRENT: Correlation;
 }
 
 /// A W3C `traceparent` (version 00): trace id, parent span id and flags.
+///
+/// Parsing, child spans and ids come from [`switchboard_bus::trace`], which
+/// the gateway and the bus use as well.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct TraceParent {
-    trace_id: u128,
-    span_id: u64,
-    flags: u8,
-}
+pub struct TraceParent(trace::TraceParent);
 
 impl TraceParent {
     /// Starts a new trace (random trace and span ids, sampled).
     pub fn new_root() -> Self {
-        Self {
-            trace_id: nonzero(rand::random()),
-            span_id: nonzero(rand::random()),
-            flags: 1,
-        }
+        Self(trace::TraceParent::new_root())
     }
 
-    /// Parses `00-<32 hex>-<16 hex>-<2 hex>`; all-zero ids and other versions'
-    /// malformed forms are rejected, as the W3C spec requires.
+    /// Parses `00-<32 hex>-<16 hex>-<2 hex>` (surrounding whitespace
+    /// ignored); all-zero ids, version `ff` and malformed forms are
+    /// rejected, and a later version is read by its first four fields, as
+    /// the W3C spec requires.
     pub fn parse(s: &str) -> Option<Self> {
-        let s = s.trim();
-        let b = s.as_bytes();
-        if b.len() < 55 || b[2] != b'-' || b[35] != b'-' || b[52] != b'-' {
-            return None;
-        }
-        let version = u8::from_str_radix(s.get(0..2)?, 16).ok()?;
-        // Version ff is invalid; version 00 must be exactly 55 bytes; future
-        // versions may append fields after a dash.
-        if version == 0xff || (version == 0 && b.len() != 55) || (b.len() > 55 && b[55] != b'-') {
-            return None;
-        }
-        let hex = |r: std::ops::Range<usize>| {
-            let part = s.get(r)?;
-            part.bytes()
-                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
-                .then_some(part)
-        };
-        let trace_id = u128::from_str_radix(hex(3..35)?, 16).ok()?;
-        let span_id = u64::from_str_radix(hex(36..52)?, 16).ok()?;
-        let flags = u8::from_str_radix(hex(53..55)?, 16).ok()?;
-        (trace_id != 0 && span_id != 0).then_some(Self {
-            trace_id,
-            span_id,
-            flags,
-        })
+        trace::TraceParent::parse(s.trim().as_bytes())
+            .ok()
+            .map(Self)
     }
 
     /// The same trace with a new span id: what a hop sends downstream.
+    #[must_use]
     pub fn child(&self) -> Self {
-        Self {
-            span_id: nonzero(rand::random()),
-            ..*self
-        }
+        Self(self.0.child())
     }
 
     /// The trace id as 32 lowercase hex digits.
     pub fn trace_id(&self) -> String {
-        format!("{:032x}", self.trace_id)
+        self.0.trace_id_str().to_owned()
     }
 
     /// The span id as 16 lowercase hex digits.
     pub fn span_id(&self) -> String {
-        format!("{:016x}", self.span_id)
+        self.0.parent_id_str().to_owned()
     }
 
     /// The header value.
     pub fn to_header(&self) -> HeaderValue {
-        HeaderValue::try_from(self.to_string()).expect("traceparent is ASCII hex")
+        HeaderValue::from_bytes(&self.0.to_bytes()).expect("traceparent is ASCII hex")
     }
-}
-
-fn nonzero<T: Default + PartialEq + From<u8>>(v: T) -> T {
-    if v == T::default() { T::from(1) } else { v }
 }
 
 impl fmt::Display for TraceParent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "00-{:032x}-{:016x}-{:02x}",
-            self.trace_id, self.span_id, self.flags
-        )
+        let bytes = self.0.to_bytes();
+        f.write_str(std::str::from_utf8(&bytes).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -125,11 +92,11 @@ impl fmt::Debug for TraceParent {
 }
 
 /// True when a client-supplied request id may be kept: 1 to 128 visible ASCII characters.
-pub fn is_sane_request_id(id: &[u8]) -> bool {
-    !id.is_empty() && id.len() <= MAX_REQUEST_ID_LEN && id.iter().all(u8::is_ascii_graphic)
-}
+pub use switchboard_bus::trace::is_sane_request_id;
 
-/// Generates a request id (a UUID v7: unique and roughly time-ordered).
+/// Generates a request id (a UUID v7: unique and roughly time-ordered, so
+/// ids sort by when the work began; the gateway, on its hot path, uses
+/// [`trace::new_id`] instead).
 pub fn new_request_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
@@ -225,7 +192,7 @@ impl Correlation {
     /// A `tracing` span named `request` with `request_id` and `trace_id` fields,
     /// and `service` when given: every log line inside names all three.
     pub fn span(&self, service: Option<&str>) -> tracing::Span {
-        let trace_id = format_args!("{:032x}", self.traceparent.trace_id);
+        let trace_id = self.traceparent.0.trace_id_str();
         match service {
             Some(service) => tracing::info_span!(
                 "request",

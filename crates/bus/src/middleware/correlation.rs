@@ -54,13 +54,15 @@ pub fn current() -> Option<Correlation> {
     CURRENT.try_with(Clone::clone).ok()
 }
 
-/// A child `traceparent`: same version, trace id and flags, a new span id.
+/// A child `traceparent`: same trace id and flags, a new span id, version
+/// `00`; one that is not a valid traceparent is returned as it is.
 pub fn child_traceparent(parent: &str) -> String {
-    if !crate::event::is_traceparent(parent) {
-        return parent.to_owned();
+    match crate::trace::TraceParent::parse(parent.as_bytes()) {
+        Ok(tp) if parent.len() == crate::trace::TRACEPARENT_LEN => {
+            String::from_utf8_lossy(&tp.child().to_bytes()).into_owned()
+        }
+        _ => parent.to_owned(),
     }
-    let span = uuid::Uuid::new_v4().as_u128() as u64 | 1;
-    format!("{}{span:016x}{}", &parent[..36], &parent[52..])
 }
 
 /// Fills `traceparent` and `correlationid` from the current context where

@@ -133,8 +133,7 @@ impl Pusher {
             headers.insert(crate::headers::TRACEPARENT.clone(), v);
         }
         if let Some(id) = event.correlation_id()
-            && id.len() <= crate::correlation::MAX_REQUEST_ID
-            && id.bytes().all(|b| b.is_ascii_graphic())
+            && crate::correlation::is_sane_request_id(id.as_bytes())
             && let Ok(v) = HeaderValue::from_str(id)
         {
             headers.insert(crate::headers::X_REQUEST_ID.clone(), v);
