@@ -543,7 +543,9 @@ pub async fn serve(
                         let res = problem::response(p, &detail, &id, None);
                         let _ = write_response(conn, &mut wr, res, Asked::default(), true).await;
                         // The rest of what was refused may still be coming.
-                        Box::pin(linger::close(conn, &mut rd, stopping, limits.linger)).await;
+                        // A lingering connection keeps no buffer.
+                        drop((std::mem::take(&mut rd), std::mem::take(&mut wr)));
+                        Box::pin(linger::close(conn, stopping, limits.linger)).await;
                         return;
                     }
                 }
@@ -673,7 +675,8 @@ pub async fn serve(
         }
         if close {
             if unread || !rd.is_empty() {
-                Box::pin(linger::close(conn, &mut rd, stopping, limits.linger)).await;
+                drop((std::mem::take(&mut rd), std::mem::take(&mut wr)));
+                Box::pin(linger::close(conn, stopping, limits.linger)).await;
             } else {
                 let _ = conn.shutdown().await;
             }

@@ -16,13 +16,17 @@
 //! close is clean), and gives up after [`Linger::timeout`] without a byte,
 //! after [`Linger::time`] in all, after [`Linger::max_bytes`], or
 //! [`ON_SHUTDOWN`] after shutdown was asked for. A connection that lingers
-//! holds its task, its socket and a 64 KiB buffer, for a bounded time; it
+//! holds its task and its socket for a bounded time, and no buffer: the
+//! discarded bytes are read into one scratch buffer per worker thread. It
 //! counts against no other limit.
 
+use std::cell::RefCell;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -33,6 +37,22 @@ pub const ON_SHUTDOWN: Duration = Duration::from_millis(500);
 
 /// Bytes read at most per read while discarding.
 const CHUNK: usize = 64 * 1024;
+
+thread_local! {
+    /// Where every lingering connection of this thread reads to: a read
+    /// that is pending leaves nothing in it, so none needs its own.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; CHUNK]);
+}
+
+/// Reads what is there into the thread's scratch buffer: how many bytes.
+fn poll_discard<S: AsyncRead + Unpin>(io: &mut S, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    SCRATCH.with_borrow_mut(|scratch| {
+        let mut rb = ReadBuf::new(scratch);
+        Pin::new(io)
+            .poll_read(cx, &mut rb)
+            .map_ok(|()| rb.filled().len())
+    })
+}
 
 /// How long a lingering close may last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,14 +107,8 @@ pub enum Ended {
 /// Shuts down `io`'s write half after a response, then reads and discards
 /// what the client still sends, within `linger`'s bounds and
 /// [`ON_SHUTDOWN`] after `shutdown` turns true. The caller drops `io`
-/// afterwards. `buf` is scratch space (the connection's read buffer; its
-/// contents are discarded too).
-pub async fn close<S>(
-    io: &mut S,
-    buf: &mut BytesMut,
-    mut shutdown: watch::Receiver<bool>,
-    linger: Linger,
-) -> Ended
+/// afterwards (and its buffers before).
+pub async fn close<S>(io: &mut S, mut shutdown: watch::Receiver<bool>, linger: Linger) -> Ended
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -107,17 +121,14 @@ where
     let mut deadline = after(linger.time);
     let mut stopping = false;
     let mut discarded: u64 = 0;
-    buf.clear();
     loop {
-        buf.reserve(CHUNK);
         let wait = after(linger.timeout).min(deadline);
         tokio::select! {
             biased;
-            r = io.read_buf(buf) => match r {
+            r = std::future::poll_fn(|cx| poll_discard(io, cx)) => match r {
                 Ok(0) => return Ended::Eof,
                 Ok(n) => {
                     discarded = discarded.saturating_add(n as u64);
-                    buf.clear();
                     if discarded >= linger.max_bytes {
                         return Ended::Bytes;
                     }
@@ -150,7 +161,7 @@ fn after(d: Duration) -> Instant {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{DuplexStream, duplex};
+    use tokio::io::{AsyncReadExt as _, DuplexStream, duplex};
 
     const L: Linger = Linger {
         time: Duration::from_secs(30),
@@ -169,8 +180,7 @@ mod tests {
         linger: Linger,
     ) -> (Ended, Duration) {
         let t = Instant::now();
-        let mut buf = BytesMut::from(&b"left over"[..]);
-        let ended = close(&mut server, &mut buf, rx, linger).await;
+        let ended = close(&mut server, rx, linger).await;
         (ended, t.elapsed())
     }
 
