@@ -842,3 +842,44 @@ async fn shutdown_is_not_held_up_by_a_lingering_client() {
         .expect("the connection outlived the shutdown")
         .unwrap();
 }
+
+/// The other way to leave a body unread: an upstream that answers after
+/// the head and closes without reading the upload (a streamed body, past
+/// `retry_buffer_bytes`). The client, uploading 2 MB before it reads, gets
+/// through its upload and then the upstream's answer and a clean end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_answers_without_reading_the_upload_leaves_a_clean_close() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let early = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let (mut buf, mut chunk) = (Vec::new(), [0u8; 4096]);
+        while find(&buf, b"\r\n\r\n").is_none() {
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before the head");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let res = "HTTP/1.1 403 Forbidden\r\nconnection: close\r\ncontent-length: 2\r\n\r\nno";
+        s.write_all(res.as_bytes()).await.unwrap();
+        // Closes with the body unread (a reset toward the gateway, whose
+        // client sees the response first).
+    });
+    let cfg = format!(
+        "{}[[routes]]\nprefix = \"/\"\nservice = \"s\"\ntimeout = \"5s\"\nretry_buffer_bytes = 16\n",
+        service("s", &[addr])
+    );
+    let h = Harness::start_with(&cfg, "access_log = false\nworkers = 1").await;
+    let mut c = connect_small_sndbuf(&h).await;
+    c.send("POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n")
+        .await;
+    upload(&mut c, 2_000_000)
+        .await
+        .expect("the upload after the early answer was cut off");
+    c.s.shutdown().await.unwrap();
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.body()), (403, "no"), "{r:?}");
+    assert_eq!(r.header("connection"), Some("close"));
+    c.rest().await.expect("a FIN, not a reset");
+    early.await.unwrap();
+    h.gw.shutdown().await;
+}
