@@ -1,7 +1,8 @@
 //! TLS, HTTP/2, gRPC and WebSocket through the gateway, over real sockets:
 //! TLS clients with ALPN `http/1.1` and `h2` (certificates made by rcgen), a
 //! gRPC unary call to a tonic service over an h2c upstream with its trailers,
-//! and a WebSocket echo spliced through an HTTP/1.1 upgrade.
+//! a WebSocket echo spliced through an HTTP/1.1 upgrade, and the lingering
+//! close over TLS.
 
 mod support;
 
@@ -84,6 +85,15 @@ async fn tls_connect(
     ca: &str,
     alpn: &[&[u8]],
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
+    tls_over(TcpStream::connect(addr).await.unwrap(), ca, alpn).await
+}
+
+/// TLS over `tcp`, trusting only the test CA, offering `alpn`.
+async fn tls_over(
+    tcp: TcpStream,
+    ca: &str,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
@@ -96,7 +106,6 @@ async fn tls_connect(
         .with_no_client_auth();
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-    let tcp = TcpStream::connect(addr).await.unwrap();
     connector
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
@@ -527,4 +536,44 @@ async fn websocket_echo_is_spliced_and_closed_after_the_drain_deadline() {
         took >= Duration::from_millis(900) && took < Duration::from_secs(8),
         "shutdown took {took:?}"
     );
+}
+
+/// The lingering close over TLS (RFC 9112 §9.6): a client that uploads
+/// 2 MB before it reads, after a head over the route's limit, completes its
+/// upload (the gateway decrypts and discards it after its `413` and
+/// `close_notify`), then reads the `413` and a clean end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_that_uploads_before_it_reads_gets_its_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let backend = Backend::start("b1").await;
+    let body = format!(
+        "{}\n[[routes]]\nprefix = \"/\"\nservice = \"svc\"\nmax_body_bytes = 1000\n",
+        support::service("svc", &[backend.addr])
+    );
+    let gw = start_gateway(&body, Some(&certs), "5s").await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_send_buffer_size(8 * 1024).unwrap();
+    let tcp = socket.connect(gw.listen()).await.unwrap();
+    let mut tls = tls_over(tcp, &certs.ca, &[b"http/1.1"]).await;
+    tls.write_all(b"POST /up HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2000000\r\n\r\n")
+        .await
+        .unwrap();
+    let bytes = vec![b'x'; 2_000_000];
+    let upload = tls.write_all(&bytes);
+    tokio::time::timeout(Duration::from_secs(10), upload)
+        .await
+        .expect("the upload stalled")
+        .expect("the upload after the 413 was cut off");
+    tls.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut got))
+        .await
+        .expect("no end within 5 s")
+        .expect("a clean end, not a reset");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 413 "), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    gw.shutdown().await;
 }
