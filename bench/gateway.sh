@@ -7,6 +7,10 @@
 #   ONLY=switchboard bench/gateway.sh
 #   EDGE=1 ONLY=switchboard bench/gateway.sh  # adds switchboard-edge: the same
 #     gateway with a rate limit (never triggered) and idempotency on its route
+#   PARITY=1 bench/gateway.sh        # adds nginx-parity: nginx adding the same
+#     request and response fields as Switchboard (bench/peers/nginx-parity.conf),
+#     to tell the cost of those fields (paid by the backend and wrk as well,
+#     on this shared machine) from the proxies' own
 #   KEEP_LOGS=1 bench/gateway.sh     # keep the access logs in the run dir
 #
 # Every proxy runs 2 workers/threads; wrk uses 2 threads and 50 connections.
@@ -58,23 +62,25 @@ cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   [ -f "$RUN/backend.pid" ] && kill "$(cat "$RUN/backend.pid")" 2>/dev/null || true
   [ -f "$RUN/proxy.pid" ] && kill "$(cat "$RUN/proxy.pid")" 2>/dev/null || true
+  [ -f "$RUN/parity.pid" ] && kill "$(cat "$RUN/parity.pid")" 2>/dev/null || true
   [ -f "$RUN/haproxy.pid" ] && kill $(cat "$RUN/haproxy.pid") 2>/dev/null || true
   wait 2>/dev/null || true
   # The access logs grow by ~100 MB per run; KEEP_LOGS=1 keeps them.
-  [ -n "${KEEP_LOGS:-}" ] || rm -f "$RUN"/switchboard*-access.log "$RUN/proxy-access.log"
+  [ -n "${KEEP_LOGS:-}" ] || rm -f "$RUN"/switchboard*-access.log "$RUN/proxy-access.log" "$RUN/parity-access.log"
 }
 trap cleanup EXIT
 
 mkdir -p "$RUN/logs"
-cp "$PEERS"/nginx-backend.conf "$PEERS"/nginx-proxy.conf "$PEERS"/haproxy.cfg "$PEERS"/switchboard.toml "$RUN/"
+cp "$PEERS"/nginx-backend.conf "$PEERS"/nginx-proxy.conf "$PEERS"/nginx-parity.conf "$PEERS"/haproxy.cfg "$PEERS"/switchboard.toml "$RUN/"
 log "run dir $RUN"
 
 nginx -p "$RUN" -c "$RUN/nginx-backend.conf" -e "$RUN/backend-error.log"
 wait_port 18080
 
-declare -A PORT=([nginx]=18081 [haproxy]=18082 [switchboard]=18083 [switchboard-edge]=18084)
+declare -A PORT=([nginx]=18081 [haproxy]=18082 [switchboard]=18083 [switchboard-edge]=18084 [nginx-parity]=18085)
 targets=(nginx haproxy switchboard)
 [ -n "$ONLY" ] && targets=($ONLY)
+[ -n "${PARITY:-}" ] && targets+=(nginx-parity)
 if [ -n "${EDGE:-}" ]; then
   targets+=(switchboard-edge)
   sed -e 's/18083/18084/; s/19983/19984/' "$RUN/switchboard.toml" >"$RUN/switchboard-edge.toml"
@@ -85,6 +91,7 @@ fi
 for t in "${targets[@]}"; do
   case $t in
     nginx) nginx -p "$RUN" -c "$RUN/nginx-proxy.conf" -e "$RUN/proxy-error.log" ;;
+    nginx-parity) nginx -p "$RUN" -c "$RUN/nginx-parity.conf" -e "$RUN/parity-error.log" ;;
     haproxy) (cd "$RUN" && exec haproxy -f "$RUN/haproxy.cfg" -q >"$RUN/haproxy.out" 2>&1) &
              pids+=($!)
              echo $! >"$RUN/haproxy-fg.pid" ;;
@@ -101,6 +108,7 @@ done
 proxy_pids() {
   case $1 in
     nginx) pgrep -P "$(cat "$RUN/proxy.pid")" ;;
+    nginx-parity) pgrep -P "$(cat "$RUN/parity.pid")" ;;
     haproxy) cat "$RUN/haproxy-fg.pid" ;;
     switchboard*) cat "$RUN/$1.pid" ;;
   esac
