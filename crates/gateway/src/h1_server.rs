@@ -545,7 +545,8 @@ pub async fn serve(
                         // The rest of what was refused may still be coming.
                         // A lingering connection keeps no buffer.
                         drop((std::mem::take(&mut rd), std::mem::take(&mut wr)));
-                        Box::pin(linger::close(conn, stopping, limits.linger)).await;
+                        let ended = Box::pin(linger::close(conn, stopping, limits.linger)).await;
+                        gw.metrics.lingered(ended);
                         return;
                     }
                 }
@@ -676,7 +677,8 @@ pub async fn serve(
         if close {
             if unread || !rd.is_empty() {
                 drop((std::mem::take(&mut rd), std::mem::take(&mut wr)));
-                Box::pin(linger::close(conn, stopping, limits.linger)).await;
+                let ended = Box::pin(linger::close(conn, stopping, limits.linger)).await;
+                gw.metrics.lingered(ended);
             } else {
                 let _ = conn.shutdown().await;
             }

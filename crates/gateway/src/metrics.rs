@@ -155,7 +155,19 @@ pub struct Metrics {
     reloads: [AtomicU64; 2],
     /// Upgraded (WebSocket) connections: `[opened, closed]`.
     upgrades: [AtomicU64; 2],
+    /// Lingering closes by how they ended, in [`LINGER_ENDINGS`] order.
+    lingers: [AtomicU64; 6],
 }
+
+/// The `ended` labels of `switchboard_gateway_lingering_closes_total`.
+const LINGER_ENDINGS: [&str; 6] = [
+    "client_closed",
+    "idle",
+    "time",
+    "bytes",
+    "shutdown",
+    "failed",
+];
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -207,6 +219,7 @@ impl Metrics {
             }),
             reloads: Default::default(),
             upgrades: Default::default(),
+            lingers: Default::default(),
         }
     }
 
@@ -237,6 +250,21 @@ impl Metrics {
     /// An upgraded connection closed.
     pub fn upgrade_closed(&self) {
         self.upgrades[1].fetch_add(1, Relaxed);
+    }
+
+    /// A lingering close ended (RFC 9112 §9.6); `Off` is not counted.
+    pub fn lingered(&self, ended: crate::h1_server::linger::Ended) {
+        use crate::h1_server::linger::Ended;
+        let i = match ended {
+            Ended::Eof => 0,
+            Ended::Idle => 1,
+            Ended::Time => 2,
+            Ended::Bytes => 3,
+            Ended::Shutdown => 4,
+            Ended::Failed => 5,
+            Ended::Off => return,
+        };
+        self.lingers[i].fetch_add(1, Relaxed);
     }
 
     /// Reloads counted so far: `(ok, error)`.
@@ -377,6 +405,15 @@ impl Metrics {
             "switchboard_gateway_upgraded_connections {}",
             opened.saturating_sub(closed)
         );
+        out.push_str("# HELP switchboard_gateway_lingering_closes_total Connections closed after reading and discarding what the client still sent (RFC 9112 9.6), by how the lingering ended.\n");
+        out.push_str("# TYPE switchboard_gateway_lingering_closes_total counter\n");
+        for (ended, n) in LINGER_ENDINGS.iter().zip(&self.lingers) {
+            let _ = writeln!(
+                out,
+                "switchboard_gateway_lingering_closes_total{{ended=\"{ended}\"}} {}",
+                n.load(Relaxed)
+            );
+        }
         let (ok, error) = self.reloads();
         out.push_str("# HELP switchboard_config_reloads_total Configuration reloads, by result.\n");
         out.push_str("# TYPE switchboard_config_reloads_total counter\n");

@@ -723,7 +723,46 @@ async fn a_client_that_uploads_before_it_reads_gets_its_413_and_a_clean_close() 
     c.rest().await.expect("a FIN, not a reset");
     assert!(c.buf.is_empty(), "nothing after the response");
     assert!(up.heads.lock().unwrap().is_empty());
+    assert_lingered(&h, &[("client_closed", 1), ("idle", 0), ("time", 0)]).await;
     h.gw.shutdown().await;
+}
+
+/// Waits up to 2 s for `switchboard_gateway_lingering_closes_total` on the
+/// admin listener to show these counts (a lingering close is counted when
+/// it ends, after the client saw the response).
+async fn assert_lingered(h: &Harness, want: &[(&str, u64)]) {
+    let t = Instant::now();
+    loop {
+        let page = h
+            .client
+            .get(h.admin("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let got: Vec<(&str, u64)> = want
+            .iter()
+            .map(|(ended, _)| {
+                let key =
+                    format!("switchboard_gateway_lingering_closes_total{{ended=\"{ended}\"}} ");
+                let n = page
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&key))
+                    .unwrap_or_else(|| panic!("no {key} in /metrics"));
+                (*ended, n.parse().unwrap())
+            })
+            .collect();
+        if got == want {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "lingering closes {got:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A client that reads the `413` while it uploads and goes on sending for
@@ -801,6 +840,7 @@ async fn lingering_ends_after_its_timeout_and_its_time() {
     }
     let took = t.elapsed();
     assert!(took > Duration::from_millis(800), "closed after {took:?}");
+    assert_lingered(&h, &[("client_closed", 0), ("idle", 1), ("time", 1)]).await;
     h.gw.shutdown().await;
 }
 
