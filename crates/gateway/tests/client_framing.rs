@@ -733,15 +733,7 @@ async fn a_client_that_uploads_before_it_reads_gets_its_413_and_a_clean_close() 
 async fn assert_lingered(h: &Harness, want: &[(&str, u64)]) {
     let t = Instant::now();
     loop {
-        let page = h
-            .client
-            .get(h.admin("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let page = h.metrics().await;
         let got: Vec<(&str, u64)> = want
             .iter()
             .map(|(ended, _)| {

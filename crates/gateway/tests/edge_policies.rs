@@ -184,15 +184,7 @@ async fn burst_over_the_limit_gets_429_and_the_next_window_passes() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(statuses(&h, 5, None).await, vec![200; 5]);
     assert_eq!(statuses(&h, 1, None).await, vec![429]);
-    let metrics = h
-        .client
-        .get(h.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = h.metrics().await;
     assert!(
         metrics.contains("switchboard_gateway_rate_limited_total{route=\"/\"} 2"),
         "{metrics}"

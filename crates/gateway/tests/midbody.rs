@@ -91,15 +91,7 @@ async fn breaker_of(h: &Harness, addr: SocketAddr) -> Value {
 
 /// `switchboard_gateway_upstream_attempts_total` of route `/` by outcome.
 async fn attempts(h: &Harness, outcome: &str) -> u64 {
-    let text = h
-        .client
-        .get(h.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = h.metrics().await;
     let series = format!(
         "switchboard_gateway_upstream_attempts_total{{route=\"/\",service=\"s\",outcome=\"{outcome}\"}} "
     );

@@ -445,14 +445,7 @@ async fn ws_echo_server() -> SocketAddr {
 }
 
 async fn metric(admin: SocketAddr, name: &str) -> u64 {
-    let text = support::client()
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = support::metrics_page(admin).await;
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("no {name} in\n{text}"))

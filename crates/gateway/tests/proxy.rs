@@ -287,15 +287,7 @@ strip_prefix = true
     assert_eq!(res.status(), 502);
     assert_eq!(dying.hits(), 1 + 3 + 3);
 
-    let metrics = h
-        .client
-        .get(h.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = h.metrics().await;
     assert!(
         metrics.contains("switchboard_gateway_retries_total{route=\"/dying\",service=\"dying\"} 4"),
         "{metrics}"
@@ -351,15 +343,7 @@ async fn breaker_opens_and_closes() {
     assert_eq!(b.hits(), hits);
     let br: Value = json(h.client.get(h.admin("/v1/breakers")).send().await.unwrap()).await;
     assert_eq!(br[0]["state"], "open", "{br}");
-    let metrics = h
-        .client
-        .get(h.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = h.metrics().await;
     assert!(metrics.contains("state=\"open\"} 1"), "{metrics}");
 
     // Healthy again: after open_for, probes pass and the breaker closes.

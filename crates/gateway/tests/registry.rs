@@ -120,14 +120,7 @@ service = "orders"
         .await
         .unwrap();
     assert!(doc["paths"]["/v1/services"].is_object() && doc["paths"]["/v1/routes"].is_object());
-    let metrics = client
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = support::metrics_page(admin).await;
     assert!(
         metrics.contains("switchboard_registry_instances{service=\"user-service\""),
         "{metrics}"

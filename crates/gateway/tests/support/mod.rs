@@ -253,6 +253,11 @@ impl Harness {
         format!("http://{}{}", self.gw.admin(), path)
     }
 
+    /// The admin listener's `/metrics` page.
+    pub async fn metrics(&self) -> String {
+        metrics_page(self.gw.admin()).await
+    }
+
     pub fn set_instances(&self, service: &str, addrs: &[SocketAddr]) {
         let list = addrs
             .iter()
@@ -265,6 +270,18 @@ impl Harness {
             .collect();
         assert!(self.sources.update(service, list));
     }
+}
+
+/// The `/metrics` page of the admin listener at `admin`.
+pub async fn metrics_page(admin: SocketAddr) -> String {
+    client()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 pub fn client() -> reqwest::Client {
