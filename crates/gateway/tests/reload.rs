@@ -48,15 +48,8 @@ fn write(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-async fn metric(client: &reqwest::Client, admin: std::net::SocketAddr, line: &str) -> u64 {
-    let text = client
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+async fn metric(admin: std::net::SocketAddr, line: &str) -> u64 {
+    let text = support::metrics_page(admin).await;
     text.lines()
         .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
         .unwrap_or(0)
@@ -160,12 +153,7 @@ async fn routes_change_twice_under_load_without_a_failed_request() {
         .unwrap();
     assert_eq!(last["instance"], "alpha");
     assert_eq!(
-        metric(
-            &client,
-            admin,
-            "switchboard_config_reloads_total{result=\"ok\"}"
-        )
-        .await,
+        metric(admin, "switchboard_config_reloads_total{result=\"ok\"}").await,
         2
     );
     let routes: Value = client
@@ -198,17 +186,8 @@ async fn invalid_reload_keeps_the_old_config_and_admin_reload_needs_the_token() 
     let bad = config_text(&alpha, &beta, TO_BETA)
         .replace("strip_prefix = true", "strip_prefix = true\nbogus = 1");
     write(&path, &bad);
-    eventually("the rejected reload to be counted", || {
-        let c = &client;
-        async move {
-            metric(
-                c,
-                admin,
-                "switchboard_config_reloads_total{result=\"error\"}",
-            )
-            .await
-                == 1
-        }
+    eventually("the rejected reload to be counted", || async move {
+        metric(admin, "switchboard_config_reloads_total{result=\"error\"}").await == 1
     })
     .await;
     let v: Value = client
@@ -247,12 +226,7 @@ async fn invalid_reload_keeps_the_old_config_and_admin_reload_needs_the_token() 
         "{check}"
     );
     assert_eq!(
-        metric(
-            &client,
-            admin,
-            "switchboard_config_reloads_total{result=\"error\"}"
-        )
-        .await,
+        metric(admin, "switchboard_config_reloads_total{result=\"error\"}").await,
         2
     );
 
