@@ -5,7 +5,8 @@
 //! request (keeping a sane request id, generating one otherwise; continuing the
 //! trace with a new span id, or starting one), runs the handler inside a
 //! `tracing` span carrying both, and inside a task-local [`Correlation`] that
-//! outgoing calls ([`crate::client`]) and published events ([`crate::events`])
+//! outgoing calls ([`crate::client`]) and published events
+//! ([`Context::publish`](crate::service::Context::publish))
 //! read. The request id is echoed on the response.
 //!
 //! Work that starts elsewhere (an event handler, a background job) enters the
