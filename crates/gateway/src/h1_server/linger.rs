@@ -28,7 +28,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::sync::watch;
-use tokio::time::Instant;
+
+use super::after;
 
 /// Once shutdown is asked for, a lingering connection closes within this:
 /// time for the response in flight to be acknowledged, short enough not to
@@ -151,17 +152,11 @@ where
     }
 }
 
-/// `d` from now, or about 30 years when the clock cannot add it.
-fn after(d: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(d)
-        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt as _, DuplexStream, duplex};
+    use tokio::time::Instant;
 
     const L: Linger = Linger {
         time: Duration::from_secs(30),
