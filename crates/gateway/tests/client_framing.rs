@@ -280,11 +280,22 @@ fn get(path: &str) -> String {
 /// upstream (hyper's client), shorter ones buffered (the gateway's own),
 /// and over 1,000 bytes refused.
 async fn gateway(up: &Upstream) -> Harness {
+    one_route(
+        up.addr,
+        "timeout = \"2s\"\nretry_buffer_bytes = 16\nmax_body_bytes = 1000\n",
+        "",
+    )
+    .await
+}
+
+/// A gateway with one worker, no access log and one route `/` to the
+/// upstream at `addr`; `route` and `gateway` are more keys for each table.
+async fn one_route(addr: SocketAddr, route: &str, gateway: &str) -> Harness {
     let cfg = format!(
-        "{}[[routes]]\nprefix = \"/\"\nservice = \"s\"\ntimeout = \"2s\"\nretry_buffer_bytes = 16\nmax_body_bytes = 1000\n",
-        service("s", &[up.addr])
+        "{}[[routes]]\nprefix = \"/\"\nservice = \"s\"\n{route}",
+        service("s", &[addr])
     );
-    Harness::start_with(&cfg, "access_log = false\nworkers = 1").await
+    Harness::start_with(&cfg, &format!("access_log = false\nworkers = 1\n{gateway}")).await
 }
 
 /// Requests sent in one write are answered in order on one connection; a
@@ -550,12 +561,7 @@ async fn bodies_broken_upstream_do_not_look_complete() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_header_timeout_past_the_clock_still_serves() {
     let up = Upstream::start().await;
-    let cfg = format!(
-        "{}[[routes]]\nprefix = \"/\"\nservice = \"s\"\n",
-        service("s", &[up.addr])
-    );
-    let extra = "access_log = false\nworkers = 1\nheader_read_timeout = \"500000000000years\"";
-    let h = Harness::start_with(&cfg, extra).await;
+    let h = one_route(up.addr, "", "header_read_timeout = \"500000000000years\"").await;
     let mut c = Client::connect(&h).await;
     c.send(&get("/a")).await;
     assert_eq!(c.response(false).await.body(), "/a");
@@ -640,11 +646,7 @@ async fn a_response_that_starts_before_the_upload_ends_does_not_cut_the_upload()
         let _ = s.write_all(last.as_bytes()).await;
         got
     });
-    let cfg = format!(
-        "{}[[routes]]\nprefix = \"/\"\nservice = \"s\"\ntimeout = \"5s\"\nretry_buffer_bytes = 16\n",
-        service("s", &[addr])
-    );
-    let h = Harness::start_with(&cfg, "access_log = false\nworkers = 1").await;
+    let h = one_route(addr, "timeout = \"5s\"\nretry_buffer_bytes = 16\n", "").await;
     let mut c = Client::connect(&h).await;
     let first = "a".repeat(1000);
     c.send(&format!(
@@ -804,13 +806,12 @@ async fn the_rest_of_a_refused_head_is_drained() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lingering_ends_after_its_timeout_and_its_time() {
     let up = Upstream::start().await;
-    let cfg = format!(
-        "{}[[routes]]\nprefix = \"/\"\nservice = \"s\"\nmax_body_bytes = 1000\n",
-        service("s", &[up.addr])
-    );
-    let extra =
-        "access_log = false\nworkers = 1\nlingering_time = \"1s\"\nlingering_timeout = \"300ms\"";
-    let h = Harness::start_with(&cfg, extra).await;
+    let h = one_route(
+        up.addr,
+        "max_body_bytes = 1000\n",
+        "lingering_time = \"1s\"\nlingering_timeout = \"300ms\"",
+    )
+    .await;
 
     let mut c = Client::connect(&h).await;
     c.send(TOO_LARGE).await;
@@ -896,11 +897,7 @@ async fn an_upstream_that_answers_without_reading_the_upload_leaves_a_clean_clos
         // Closes with the body unread (a reset toward the gateway, whose
         // client sees the response first).
     });
-    let cfg = format!(
-        "{}[[routes]]\nprefix = \"/\"\nservice = \"s\"\ntimeout = \"5s\"\nretry_buffer_bytes = 16\n",
-        service("s", &[addr])
-    );
-    let h = Harness::start_with(&cfg, "access_log = false\nworkers = 1").await;
+    let h = one_route(addr, "timeout = \"5s\"\nretry_buffer_bytes = 16\n", "").await;
     let mut c = connect_small_sndbuf(&h).await;
     c.send("POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n")
         .await;
