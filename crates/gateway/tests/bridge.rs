@@ -3,6 +3,8 @@
 //! subscriptions API and the metrics. Push cases run on the memory bus and on
 //! Redis Streams (a redis-server of their own, skipped with a reason when absent).
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -106,14 +108,7 @@ impl Harness {
     }
 
     async fn metrics(&self) -> String {
-        self.http
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        support::metrics_page(self.gw.admin()).await
     }
 
     async fn stop(self) {
