@@ -113,8 +113,6 @@ pub struct RawGateway {
     pub admin: SocketAddr,
     /// Worker threads for the proxy; 0 means one per core.
     pub workers: usize,
-    /// Linux scheduling policy of the worker threads.
-    pub worker_scheduling: WorkerScheduling,
     /// A client must send its whole header block within this time.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
@@ -164,24 +162,6 @@ pub struct RawTls {
     pub key: Spanned<PathBuf>,
 }
 
-/// The Linux scheduling policy of the proxy's worker threads
-/// (`gateway.worker_scheduling`); elsewhere the threads keep the default.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WorkerScheduling {
-    /// `SCHED_BATCH`: a worker woken by a socket does not preempt the task
-    /// running on its CPU; it runs at that task's next scheduling point.
-    /// On a machine whose cores are shared with the upstreams or clients,
-    /// this lets those tasks finish their turn (and their batch of writes)
-    /// instead of being interrupted once per response, which is most of a
-    /// proxy's context switches. Fair share and the nice value are
-    /// unchanged, and a worker woken onto an idle core runs at once.
-    #[default]
-    Batch,
-    /// `SCHED_OTHER`: wake-ups may preempt (the kernel's default).
-    Normal,
-}
-
 /// How the gateway talks to a service's instances.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -200,7 +180,6 @@ impl Default for RawGateway {
             listen: SocketAddr::from(([127, 0, 0, 1], 3000)),
             admin: SocketAddr::from(([127, 0, 0, 1], 9900)),
             workers: 0,
-            worker_scheduling: WorkerScheduling::default(),
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 16 * 1024,
             max_headers: 100,
@@ -1137,28 +1116,6 @@ breaker = { failure_rate = 0.5, min_calls = 20, window = "10s", open_for = "5s" 
                 "{table}: {e:?}"
             );
         }
-    }
-
-    #[test]
-    fn worker_scheduling_is_batch_normal_or_an_error() {
-        let with = |v: &str| {
-            format!(
-                "[gateway]\nworker_scheduling = {v}\n{}",
-                GOOD.replace("[gateway]\n", "")
-            )
-        };
-        let c = Config::parse(Path::new("gw.toml"), GOOD).unwrap();
-        assert_eq!(c.gateway.worker_scheduling, WorkerScheduling::Batch);
-        let c = Config::parse(Path::new("gw.toml"), &with("\"normal\"")).unwrap();
-        assert_eq!(c.gateway.worker_scheduling, WorkerScheduling::Normal);
-        let e = &errs(&with("\"fifo\""))[0];
-        assert_eq!(e.key, "gateway.worker_scheduling");
-        assert_eq!(e.line, 2);
-        assert!(
-            e.message
-                .contains("unknown variant `fifo`, expected `batch` or `normal`"),
-            "{e}"
-        );
     }
 
     #[test]

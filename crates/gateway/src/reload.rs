@@ -461,7 +461,6 @@ fn warn_restart_needed(old: &Config, new: &Config) {
         listen,
         admin,
         workers,
-        worker_scheduling,
         header_read_timeout,
         max_header_bytes,
         max_headers,

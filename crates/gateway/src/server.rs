@@ -4,8 +4,7 @@
 //! single-threaded tokio runtime and its own `SO_REUSEPORT` listener on the
 //! same address. A connection lives on one thread for its whole life, so its
 //! requests, its pooled upstream connections and its metric shard never cross
-//! threads. The workers run under `SCHED_BATCH` by default
-//! (`gateway.worker_scheduling`, [`WorkerScheduling`]). HTTP/1.1 connections are served by [`crate::h1_server`], HTTP/2
+//! threads. HTTP/1.1 connections are served by [`crate::h1_server`], HTTP/2
 //! (TLS with ALPN `h2`) by hyper. Shutdown: stop accepting, ask every
 //! connection to finish its current request and close, wait up to the drain
 //! deadline.
@@ -24,7 +23,7 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::body::ClientBody;
-use crate::config::{GatewaySettings, WorkerScheduling};
+use crate::config::GatewaySettings;
 use crate::h1_server::{self, ClientIo, Limits};
 use crate::pool;
 use crate::proxy::{ConnInfo, Gateway};
@@ -70,13 +69,6 @@ pub fn spawn_workers(
             std::thread::Builder::new()
                 .name(format!("gateway-worker-{i}"))
                 .spawn(move || {
-                    if let Err(e) = set_scheduling(settings.worker_scheduling) {
-                        tracing::warn!(
-                            error = %e,
-                            policy = ?settings.worker_scheduling,
-                            "cannot set the worker thread's scheduling policy; it keeps the default"
-                        );
-                    }
                     let rt = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
@@ -222,32 +214,4 @@ async fn serve_tls(
             let _ = conn.await;
         }
     }
-}
-
-/// Sets the calling thread's scheduling policy (`gateway.worker_scheduling`).
-///
-/// Why by hand: `thread-priority`, the crate for this, also resets the
-/// nice value whenever it sets a normal policy; `sched_setscheduler` with
-/// priority 0 changes only the policy and keeps what `nice` gave the process.
-#[cfg(target_os = "linux")]
-#[allow(unsafe_code)]
-pub fn set_scheduling(policy: WorkerScheduling) -> io::Result<()> {
-    let policy = match policy {
-        WorkerScheduling::Batch => libc::SCHED_BATCH,
-        WorkerScheduling::Normal => libc::SCHED_OTHER,
-    };
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: `param` is a valid, initialised `sched_param` that outlives
-    // the call, and pid 0 names the calling thread; the call reads nothing else.
-    if unsafe { libc::sched_setscheduler(0, policy, &param) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// Elsewhere the policy is left alone.
-#[cfg(not(target_os = "linux"))]
-pub fn set_scheduling(_: WorkerScheduling) -> io::Result<()> {
-    Ok(())
 }
