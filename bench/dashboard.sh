@@ -47,7 +47,7 @@ wait_port 18080
 
 start_gateway() { # name binary listen-port admin-port
   sed -e "s/18083/$3/; s/19983/$4/" bench/peers/switchboard.toml >"$RUN/$1.toml"
-  SWITCHBOARD_LOG=warn "$2" gateway --config "$RUN/$1.toml" >"$RUN/$1-access.log" 2>"$RUN/$1.err" &
+  SWITCHBOARD_LOG=warn setsid "$2" gateway --config "$RUN/$1.toml" >"$RUN/$1-access.log" 2>"$RUN/$1.err" &
   pids+=($!)
   echo $! >"$RUN/$1.pid"
   wait_port "$3"

@@ -40,7 +40,8 @@ trap cleanup EXIT
 nginx -p "$RUN" -c "$RUN/nginx-backend.conf" -e "$RUN/backend-error.log"
 wait_port 18080
 nginx -p "$RUN" -c "$RUN/nginx-proxy.conf" -e "$RUN/proxy-error.log"
-SWITCHBOARD_LOG=warn "$BIN" gateway --config "$RUN/switchboard.toml" >"$RUN/switchboard-access.log" 2>"$RUN/switchboard.err" &
+# A session of its own, as nginx has (see bench/lib.sh).
+SWITCHBOARD_LOG=warn setsid "$BIN" gateway --config "$RUN/switchboard.toml" >"$RUN/switchboard-access.log" 2>"$RUN/switchboard.err" &
 sb_pid=$!
 wait_port 18081
 wait_port 18083

@@ -14,10 +14,13 @@
 #   KEEP_LOGS=1 bench/gateway.sh     # keep the access logs in the run dir
 #
 # Every proxy runs 2 workers/threads; wrk uses 2 threads and 50 connections.
-# Prints median requests/s, median p99, each one's ratio to nginx and the CPU
+# Prints median requests/s, median p99, each one's ratio to nginx, the CPU
 # time each proxy's processes consumed per request (utime+stime from
 # /proc/PID/stat across each wrk run divided by the requests it completed: a
-# figure that, unlike req/s, barely moves with the machine's load), then
+# figure that, unlike req/s, barely moves with the machine's load) and the
+# context switches per request of the proxy's and the backend's threads
+# (from /proc/PID/task/*/status; on this shared machine they are most of
+# the scheduling cost the proxy causes), then
 # Switchboard's peak RSS holding 1,000 idle keep-alive connections.
 # Installs nginx, haproxy and wrk with apt-get when missing (needs root).
 set -euo pipefail
@@ -92,10 +95,12 @@ for t in "${targets[@]}"; do
   case $t in
     nginx) nginx -p "$RUN" -c "$RUN/nginx-proxy.conf" -e "$RUN/proxy-error.log" ;;
     nginx-parity) nginx -p "$RUN" -c "$RUN/nginx-parity.conf" -e "$RUN/parity-error.log" ;;
-    haproxy) (cd "$RUN" && exec haproxy -f "$RUN/haproxy.cfg" -q >"$RUN/haproxy.out" 2>&1) &
+    # HAProxy and Switchboard get a session of their own, as nginx does by
+    # daemonizing (see the note in bench/lib.sh).
+    haproxy) (cd "$RUN" && exec setsid haproxy -f "$RUN/haproxy.cfg" -q >"$RUN/haproxy.out" 2>&1) &
              pids+=($!)
              echo $! >"$RUN/haproxy-fg.pid" ;;
-    switchboard*) SWITCHBOARD_LOG=warn $SWITCHBOARD_CMD "$RUN/$t.toml" \
+    switchboard*) SWITCHBOARD_LOG=warn setsid $SWITCHBOARD_CMD "$RUN/$t.toml" \
                    >"$RUN/$t-access.log" 2>"$RUN/$t.err" &
                  pids+=($!)
                  echo $! >"$RUN/$t.pid" ;;
@@ -114,25 +119,37 @@ proxy_pids() {
   esac
 }
 
+# Each proxy's scheduling group, to check that none shares one with wrk.
+if [ -r /proc/self/autogroup ]; then
+  log "wrk: $(cat /proc/$$/autogroup)"
+  for t in "${targets[@]}"; do
+    p=$(proxy_pids "$t" | head -1)
+    log "$t: $(cat "/proc/$p/autogroup")"
+  done
+fi
+
 HZ=$(getconf CLK_TCK)
 
-# One wrk run: prints "req_per_s p99_ms cpu_us_per_req".
+# One wrk run: prints "req_per_s p99_ms cpu_us_per_req csw_per_req", the
+# last being the context switches of the proxy's and the backend's threads.
 measure() {
-  local out pp t0 t1
+  local out pp t0 t1 s0 s1 bp
   pp=$(proxy_pids "$2")
-  t0=$(cpu_ticks $pp)
+  bp=$(pgrep -P "$(cat "$RUN/backend.pid")")
+  t0=$(cpu_ticks $pp); s0=$(ctx_switches $pp $bp)
   out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$1/users/42")
-  t1=$(cpu_ticks $pp)
+  t1=$(cpu_ticks $pp); s1=$(ctx_switches $pp $bp)
   echo "$out" >>"$RUN/wrk.log"
   local rps p99 n cpu
   rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
   n=$(awk '/requests in/ {print $1}' <<<"$out")
   cpu=$(awk -v a="$t0" -v b="$t1" -v n="$n" -v hz="$HZ" 'BEGIN {printf "%.2f", (b - a) / hz * 1e6 / n}')
+  csw=$(awk -v a="$s0" -v b="$s1" -v n="$n" 'BEGIN {printf "%.3f", (b - a) / n}')
   p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub("us","",v); v=v/1000} else if (v ~ /ms$/) {sub("ms","",v)} else if (v ~ /s$/) {sub("s","",v); v=v*1000}; print v}' <<<"$out")
   local errs
   errs=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out")
   [ -n "$errs" ] && log "$2: $errs"
-  echo "$rps $p99 $cpu"
+  echo "$rps $p99 $cpu $csw"
 }
 
 log "warm-up"
@@ -143,27 +160,28 @@ for r in $(seq 1 "$ROUNDS"); do
   order=("${targets[@]}")
   if (( r % 2 == 0 )); then order=($(printf '%s\n' "${targets[@]}" | tac)); fi
   for t in "${order[@]}"; do
-    read -r rps p99 cpu < <(measure "${PORT[$t]}" "$t")
-    echo "$t $rps $p99 $cpu" >>"$RUN/results"
-    log "round $r $t: $rps req/s, p99 ${p99} ms, ${cpu} us CPU per request"
+    read -r rps p99 cpu csw < <(measure "${PORT[$t]}" "$t")
+    echo "$t $rps $p99 $cpu $csw" >>"$RUN/results"
+    log "round $r $t: $rps req/s, p99 ${p99} ms, ${cpu} us CPU, $csw context switches per request"
   done
 done
 
 
-declare -A RPS P99 CPU
+declare -A RPS P99 CPU CSW
 for t in "${targets[@]}"; do
   RPS[$t]=$(awk -v t="$t" '$1==t {print $2}' "$RUN/results" | median)
   P99[$t]=$(awk -v t="$t" '$1==t {print $3}' "$RUN/results" | median)
   CPU[$t]=$(awk -v t="$t" '$1==t {print $4}' "$RUN/results" | median)
+  CSW[$t]=$(awk -v t="$t" '$1==t {print $5}' "$RUN/results" | median)
 done
 
 echo
 echo "Gateway benchmark: wrk -t2 -c$CONNS -d${DURATION}s, $ROUNDS alternating rounds, medians; load average: $(cut -d' ' -f1-3 /proc/loadavg)"
-printf '%-17s %12s %10s %10s %16s\n' proxy "req/s" "p99 ms" "vs nginx" "cpu_us_per_req"
+printf '%-17s %12s %10s %10s %16s %12s\n' proxy "req/s" "p99 ms" "vs nginx" "cpu_us_per_req" "csw_per_req"
 for t in "${targets[@]}"; do
   ratio=n/a
   [ -n "${RPS[nginx]:-}" ] && ratio=$(awk -v a="${RPS[$t]}" -v b="${RPS[nginx]}" 'BEGIN {printf "%.2fx", a/b}')
-  printf '%-17s %12.0f %10.2f %10s %16.2f\n' "$t" "${RPS[$t]}" "${P99[$t]}" "$ratio" "${CPU[$t]}"
+  printf '%-17s %12.0f %10.2f %10s %16.2f %12.3f\n' "$t" "${RPS[$t]}" "${P99[$t]}" "$ratio" "${CPU[$t]}" "${CSW[$t]}"
 done
 if [ -n "${RPS[switchboard-edge]:-}" ] && [ -n "${RPS[switchboard]:-}" ]; then
   awk -v a="${RPS[switchboard-edge]}" -v b="${RPS[switchboard]}" \
@@ -174,7 +192,7 @@ fi
 if [[ " ${targets[*]} " == *" switchboard "* ]]; then
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   sleep 0.5
-  SWITCHBOARD_LOG=warn $SWITCHBOARD_CMD "$RUN/switchboard.toml" >/dev/null 2>&1 &
+  SWITCHBOARD_LOG=warn setsid $SWITCHBOARD_CMD "$RUN/switchboard.toml" >/dev/null 2>&1 &
   sbpid=$!
   pids+=("$sbpid")
   wait_port 18083

@@ -43,7 +43,7 @@ for r in $(seq 1 "$ROUNDS"); do
   order=("$@")
   if (( r % 2 == 0 )); then order=($(printf '%s\n' "$@" | tac)); fi
   for bin in "${order[@]}"; do
-    SWITCHBOARD_LOG=warn "$bin" gateway --config "$RUN/switchboard.toml" \
+    SWITCHBOARD_LOG=warn setsid "$bin" gateway --config "$RUN/switchboard.toml" \
       >/dev/null 2>"$RUN/gateway.err" &
     pid=$!
     wait_port 18083

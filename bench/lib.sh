@@ -24,5 +24,24 @@ cpu_ticks() {
   echo "$sum"
 }
 
+# Proxies under test run in a session of their own: `setsid CMD` (it execs
+# in place, so `$!` stays the proxy's pid). With autogroup scheduling
+# (/proc/sys/kernel/sched_autogroup_enabled = 1, as on this machine) the
+# kernel shares CPU between sessions first and between the threads of a
+# session second. nginx daemonizes into a session of its own; a proxy left
+# in this script's session would share one group with wrk and compete with
+# it for that group's share while the backend kept a whole group to itself.
+# That handicap cost Switchboard up to 15% of its requests/s and tripled its
+# p99 (bench/RESULTS.md, "Session of 2026-11-27, third"). A session per proxy
+# is also how they run in production, where each service gets a cgroup.
+
+# Context switches (voluntary and not) so far, summed over every thread of
+# the given pids.
+ctx_switches() {
+  local p
+  for p in "$@"; do cat /proc/"$p"/task/*/status 2>/dev/null; done |
+    awk '/^(non)?voluntary_ctxt_switches:/ {s += $2} END {print s + 0}'
+}
+
 # Median of the numbers on stdin, one per line.
 median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
