@@ -1,9 +1,13 @@
 //! The access log: one structured `tracing` event per request, emitted off the
 //! request path.
 //!
-//! A request pushes a small [`AccessRecord`] into an unbounded channel (no
-//! syscall: the log thread never parks on the channel, it polls every 2 ms
-//! while records come, less often, up to every 20 ms, while none do). The log thread turns records into `tracing` events under its
+//! A request pushes a small [`AccessRecord`] into its worker's batch, and a
+//! full batch goes into an unbounded channel (no syscall: while records come
+//! the log thread polls the channel every 2 ms instead of parking on it; its
+//! naps lengthen up to 20 ms while none do, and only after such a nap does
+//! it block, so an idle gateway's log thread sleeps until the next batch).
+//! A worker sends a partial batch 50 ms after its first record, and has no
+//! timer running while it logs nothing. The log thread turns records into `tracing` events under its
 //! own dispatcher, which by default writes JSON lines to stdout through a
 //! buffer flushed once per batch, so logging costs one `write` per batch, not
 //! one per request. After formatting, the log thread moves each batch into
@@ -14,6 +18,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use http::{HeaderValue, Method};
@@ -137,6 +142,9 @@ const BATCH: usize = 64;
 
 thread_local! {
     static LOCAL: std::cell::RefCell<Vec<AccessRecord>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The task waiting in [`AccessLog::pending`] on this thread, woken when
+    /// a record lands in an empty batch.
+    static WAITER: std::cell::Cell<Option<Waker>> = const { std::cell::Cell::new(None) };
 }
 
 /// A minimal `tracing` subscriber that writes each event as one JSON line
@@ -374,6 +382,11 @@ impl AccessLog {
                 l.reserve_exact(BATCH);
             }
             l.push(rec);
+            if l.len() == 1
+                && let Some(w) = WAITER.take()
+            {
+                w.wake();
+            }
             if l.len() >= BATCH {
                 let batch = std::mem::replace(&mut *l, Vec::with_capacity(BATCH));
                 let _ = tx.send(batch);
@@ -381,7 +394,22 @@ impl AccessLog {
         });
     }
 
-    /// Sends this thread's pending records (workers call it a few times a second).
+    /// Resolves once this thread holds records not yet sent to the log
+    /// thread: a worker then flushes them a little later, and waits on
+    /// nothing while it logs nothing.
+    pub fn pending(&self) -> impl Future<Output = ()> + use<> {
+        let on = self.tx.is_some();
+        std::future::poll_fn(move |cx| {
+            if on && LOCAL.with(|l| !l.borrow().is_empty()) {
+                return Poll::Ready(());
+            }
+            WAITER.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+    }
+
+    /// Sends this thread's pending records (workers call it shortly after
+    /// [`AccessLog::pending`] resolves).
     pub fn flush_local(&self) {
         let Some(tx) = &self.tx else {
             return;
@@ -402,19 +430,36 @@ fn run(
     ring: &AccessRing,
 ) {
     let mut nap = NAP_BUSY;
+    // Set after a longest nap with nothing to log: the next turn blocks on
+    // the channel instead of napping again.
+    let mut idle = false;
     loop {
         let mut wrote = false;
         let mut disconnected = false;
+        // Blocking only when idle: the first batch after a pause pays one
+        // wake-up in its sender; while the thread naps, senders find no
+        // receiver waiting and make no syscall.
+        let mut first = None;
+        if idle {
+            match rx.recv() {
+                Ok(batch) => first = Some(batch),
+                Err(mpsc::RecvError) => return,
+            }
+        }
         tracing::dispatcher::with_default(dispatch, || {
+            let mut take = |batch: Vec<AccessRecord>| {
+                for rec in &batch {
+                    emit(rec);
+                }
+                ring.push(batch);
+                wrote = true;
+            };
+            if let Some(batch) = first.take() {
+                take(batch);
+            }
             loop {
                 match rx.try_recv() {
-                    Ok(batch) => {
-                        for rec in &batch {
-                            emit(rec);
-                        }
-                        ring.push(batch);
-                        wrote = true;
-                    }
+                    Ok(batch) => take(batch),
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => {
                         disconnected = true;
@@ -430,15 +475,19 @@ fn run(
             return;
         }
         // A dedicated thread: sleeping here keeps senders from ever paying
-        // for a wake-up syscall. Short sleeps keep each burst of formatting
-        // short (about 2 ms of records, ~0.1 ms of work at 60k requests/s):
-        // on a machine with as many busy threads as cores, a long burst
-        // delays the worker it displaces, which shows in the tail latency.
-        // With nothing to log the naps lengthen, so an idle gateway does not
-        // wake 500 times a second.
+        // for a wake-up syscall while records come. Short sleeps keep each
+        // burst of formatting short (about 2 ms of records, ~0.1 ms of work
+        // at 60k requests/s): on a machine with as many busy threads as
+        // cores, a long burst delays the worker it displaces, which shows in
+        // the tail latency. With nothing to log the naps lengthen, and after
+        // the longest one the thread blocks until the next batch, so an idle
+        // gateway's log thread does not wake at all.
+        idle = !wrote && nap == NAP_IDLE;
         nap = next_nap(nap, wrote);
-        #[allow(clippy::disallowed_methods)]
-        std::thread::sleep(nap);
+        if !idle {
+            #[allow(clippy::disallowed_methods)]
+            std::thread::sleep(nap);
+        }
     }
 }
 
@@ -542,5 +591,110 @@ mod tests {
         let age = std::time::SystemTime::now().duration_since(parsed).unwrap();
         assert!(age < Duration::from_secs(60), "{ts}");
         assert_eq!(ts.len(), "2026-01-01T00:00:00.000Z".len(), "{ts}");
+    }
+
+    fn record(status: u16) -> AccessRecord {
+        AccessRecord {
+            request_id: HeaderValue::from_static("r"),
+            method: Method::GET,
+            route: None,
+            instance: None,
+            status,
+            duration: Duration::from_micros(1),
+            attempts: 1,
+            complete: true,
+        }
+    }
+
+    /// Wakes by raising a flag.
+    struct Flag(std::sync::atomic::AtomicBool);
+    impl std::task::Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn pending_waits_for_a_record_and_is_woken_by_it() {
+        // A fresh thread: its batch starts empty.
+        std::thread::spawn(|| {
+            let (tx, rx) = mpsc::channel();
+            let log = AccessLog {
+                tx: Some(tx),
+                ring: Arc::default(),
+            };
+            let flag = Arc::new(Flag(false.into()));
+            let waker = Waker::from(Arc::clone(&flag));
+            let mut cx = std::task::Context::from_waker(&waker);
+            let mut wait = std::pin::pin!(log.pending());
+            assert!(wait.as_mut().poll(&mut cx).is_pending());
+            log.log(record(200));
+            assert!(flag.0.load(std::sync::atomic::Ordering::SeqCst));
+            assert!(wait.as_mut().poll(&mut cx).is_ready());
+            // Flushed, the batch is empty again, and so is the wait.
+            log.flush_local();
+            assert_eq!(rx.try_recv().unwrap().len(), 1);
+            assert!(std::pin::pin!(log.pending()).poll(&mut cx).is_pending());
+            // With logging off there is never anything to wait for.
+            let off = AccessLog::disabled();
+            off.log(record(200));
+            assert!(std::pin::pin!(off.pending()).poll(&mut cx).is_pending());
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// Counts `tracing` events.
+    struct Count(std::sync::atomic::AtomicUsize);
+    impl tracing::Subscriber for Count {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, _: &tracing::Event<'_>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    #[test]
+    fn the_log_thread_blocks_when_idle_and_still_logs_what_comes_next() {
+        let count = Arc::new(Count(0.into()));
+        let log = AccessLog::spawn(Some(Dispatch::from(Arc::clone(&count)))).unwrap();
+        let logged = |n: usize| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while count.0.load(std::sync::atomic::Ordering::SeqCst) < n {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "only {:?} of {n} logged",
+                    count.0
+                );
+                #[allow(clippy::disallowed_methods)]
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                log.log(record(200));
+                log.flush_local();
+            });
+        });
+        logged(1);
+        // Past the naps' growth (2+4+8+16+20 ms): the thread is blocked.
+        #[allow(clippy::disallowed_methods)]
+        std::thread::sleep(Duration::from_millis(150));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                log.log(record(201));
+                log.log(record(202));
+                log.flush_local();
+            });
+        });
+        logged(3);
     }
 }
