@@ -31,8 +31,8 @@ cpu_ticks() {
 # session second. nginx daemonizes into a session of its own; a proxy left
 # in this script's session would share one group with wrk and compete with
 # it for that group's share while the backend kept a whole group to itself.
-# That handicap cost Switchboard up to 15% of its requests/s and tripled its
-# p99 (bench/RESULTS.md, "Session of 2026-11-27, third"). A session per proxy
+# That handicap cost Switchboard 17% of its requests/s and multiplied its p99
+# by eleven (bench/RESULTS.md, "Session of 2026-11-27, third"). A session per proxy
 # is also how they run in production, where each service gets a cgroup.
 
 # Context switches (voluntary and not) so far, summed over every thread of
