@@ -644,35 +644,19 @@ mod tests {
         .unwrap();
     }
 
-    /// Counts `tracing` events.
-    struct Count(std::sync::atomic::AtomicUsize);
-    impl tracing::Subscriber for Count {
-        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-            true
-        }
-        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-            tracing::span::Id::from_u64(1)
-        }
-        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-        fn event(&self, _: &tracing::Event<'_>) {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
-        fn enter(&self, _: &tracing::span::Id) {}
-        fn exit(&self, _: &tracing::span::Id) {}
-    }
-
     #[test]
     fn the_log_thread_blocks_when_idle_and_still_logs_what_comes_next() {
-        let count = Arc::new(Count(0.into()));
-        let log = AccessLog::spawn(Some(Dispatch::from(Arc::clone(&count)))).unwrap();
+        let lines = Arc::new(JsonLines::new());
+        let log = AccessLog::spawn(Some(Dispatch::new(Arc::clone(&lines)))).unwrap();
+        let seen = std::cell::Cell::new(0);
         let logged = |n: usize| {
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while count.0.load(std::sync::atomic::Ordering::SeqCst) < n {
+            while seen.get() < n {
+                seen.set(seen.get() + lines.take().iter().filter(|&&b| b == b'\n').count());
                 assert!(
                     std::time::Instant::now() < deadline,
-                    "only {:?} of {n} logged",
-                    count.0
+                    "only {} of {n} logged",
+                    seen.get()
                 );
                 #[allow(clippy::disallowed_methods)]
                 std::thread::sleep(Duration::from_millis(1));
