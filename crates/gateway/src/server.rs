@@ -172,8 +172,6 @@ async fn worker(
     }
 }
 
-/// Completes the TLS handshake (within the header read timeout), then
-/// serves HTTP/2 or HTTP/1.1 as ALPN chose.
 /// Resolves 50 ms after this worker logged a record into an empty batch:
 /// time to send the partial batch. While the worker logs nothing, no timer
 /// runs, so an idle worker does not wake.
@@ -182,6 +180,8 @@ async fn log_stragglers(gw: &'static Gateway) {
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
+/// Completes the TLS handshake (within the header read timeout), then
+/// serves HTTP/2 or HTTP/1.1 as ALPN chose.
 async fn serve_tls(
     gw: &'static Gateway,
     acceptor: tokio_rustls::TlsAcceptor,

@@ -231,8 +231,10 @@ impl Drop for CoarseClock {
 const IDLE_BEFORE_PARK: Duration = Duration::from_millis(100);
 
 /// Publishes the time (never going back), marked unread, and parked if
-/// `park`. Returns false when `park` was asked but the clock was read or
-/// parked meanwhile: a read in the same instant keeps it ticking.
+/// `park`. With `park`, returns whether the clock is now parked: false when
+/// it was read meanwhile (a read in the same instant keeps it ticking), true
+/// when this call or another clock's thread parked it. Without, returns
+/// whether the time was published (not while parked: the waking read does).
 fn tick(park: bool) -> bool {
     let now = coarse_sample() & !FLAGS;
     let mut v = COARSE_NOW.load(Ordering::Relaxed);
