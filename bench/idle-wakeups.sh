@@ -21,7 +21,7 @@ snap() { # pid: "thread-name switches" per thread
   local t
   for t in /proc/"$1"/task/*; do
     printf '%s %s\n' "$(tr ' ' _ <"$t/comm")" \
-      "$(awk '/^(non)?voluntary_ctxt_switches:/ {s += $2} END {print s}' "$t/status")"
+      "$(sum_switches <"$t/status")"
   done
 }
 for bin in "$@"; do

@@ -35,12 +35,15 @@ cpu_ticks() {
 # by eleven (bench/RESULTS.md, "Session of 2026-11-27, third"). A session per proxy
 # is also how they run in production, where each service gets a cgroup.
 
-# Context switches (voluntary and not) so far, summed over every thread of
-# the given pids.
+# Context switches (voluntary and not) in the /proc status text on stdin.
+sum_switches() {
+  awk '/^(non)?voluntary_ctxt_switches:/ {s += $2} END {print s + 0}'
+}
+
+# Context switches so far, summed over every thread of the given pids.
 ctx_switches() {
   local p
-  for p in "$@"; do cat /proc/"$p"/task/*/status 2>/dev/null; done |
-    awk '/^(non)?voluntary_ctxt_switches:/ {s += $2} END {print s + 0}'
+  for p in "$@"; do cat /proc/"$p"/task/*/status 2>/dev/null; done | sum_switches
 }
 
 # Median of the numbers on stdin, one per line.
